@@ -1,0 +1,291 @@
+"""Typed schema behind the Hydra configs, checked right after compose.
+
+Each config group option names itself (``data.name``, ``prune.method`` ...); the
+matching dataclass below fixes its keys and types, and ``__post_init__`` checks
+ranges.  ``settings_from(cfg)`` turns a composed config into these objects or
+raises ``ConfigError`` with the offending key, before any data is read or any
+model is trained.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PRUNABLE_TYPES = ("Conv2D", "DepthwiseConv2D", "Dense")
+OBJECTIVES = (
+    "accuracy_per_mb",
+    "tflite_accuracy",
+    "test_accuracy",
+    "tflite_zip_bytes",
+    "sparsity_global",
+)
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the key."""
+
+
+def register_resolvers() -> None:
+    """Registers ``${project_root:}`` so default paths do not depend on the cwd."""
+    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _check_fraction(value: float, key: str, high_open: bool = False) -> None:
+    bad = math.isnan(value) or value < 0 or value > 1 or (high_open and value >= 1)
+    _check(not bad, key, f"must be in [0, {'1)' if high_open else '1]'}, got {value}")
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    name: str
+    path: str | None = None
+    image_size: int = 32
+    val_fraction: float = 0.1
+    limit_train: int | None = None
+    limit_test: int | None = None
+    # synthetic only
+    num_classes: int = 10
+    n_train: int = 512
+    n_test: int = 256
+    noise: float = 0.6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("cifar10", "image_folder", "synthetic"), "data.name",
+               f"unknown dataset {self.name!r}")
+        _check(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")
+        _check(0 <= self.val_fraction < 1, "data.val_fraction",
+               f"must be in [0, 1), got {self.val_fraction}")
+        for key in ("limit_train", "limit_test"):
+            value = getattr(self, key)
+            _check(value is None or value > 0, f"data.{key}", f"must be > 0, got {value}")
+        if self.name == "image_folder":
+            _check(bool(self.path), "data.path", "image_folder needs a path")
+        if self.name == "synthetic":
+            _check(self.num_classes >= 2, "data.num_classes", "must be >= 2")
+            _check(self.n_train >= self.num_classes, "data.n_train", "must be >= num_classes")
+            _check(self.n_test >= 1, "data.n_test", "must be >= 1")
+
+
+# ---------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    name: str
+    input_size: int = 32
+    alpha: float = 1.0
+    bn_momentum: float | None = None
+    dropout: float = 0.0
+    # mobilenetv2_cifar
+    stem_stride: int = 1
+    stage_strides: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 1, 2, 1])
+    # resnet8
+    filters: list[int] = field(default_factory=lambda: [16, 32, 64])
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("mobilenetv2", "mobilenetv2_cifar", "resnet8"), "model.name",
+               f"unknown model {self.name!r}")
+        _check(self.alpha > 0, "model.alpha", f"must be > 0, got {self.alpha}")
+        _check(self.input_size >= 8, "model.input_size", f"must be >= 8, got {self.input_size}")
+        if self.bn_momentum is not None:
+            _check(0 < self.bn_momentum < 1, "model.bn_momentum", "must be in (0, 1)")
+        _check(0 <= self.dropout < 1, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(len(self.stage_strides) == 7 and all(s in (1, 2) for s in self.stage_strides),
+               "model.stage_strides", "needs 7 strides, each 1 or 2")
+        _check(self.stem_stride in (1, 2), "model.stem_stride", "must be 1 or 2")
+        _check(len(self.filters) == 3 and all(f > 0 for f in self.filters), "model.filters",
+               "needs 3 positive filter counts")
+
+
+# ---------------------------------------------------------------------------- train
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 4
+    flip: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    schedule: str = "cosine"
+    label_smoothing: float = 0.1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+    verbose: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.optimizer in ("sgd", "adam", "adamw"), "train.optimizer",
+               f"must be sgd, adam or adamw, got {self.optimizer!r}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(0 <= self.warmup_epochs <= self.epochs, "train.warmup_epochs",
+               "must be in [0, train.epochs]")
+        _check(self.schedule in ("cosine", "constant"), "train.schedule",
+               f"must be cosine or constant, got {self.schedule!r}")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+        _check(self.augment.crop_padding >= 0, "train.augment.crop_padding", "must be >= 0")
+
+
+# ---------------------------------------------------------------------------- prune
+@dataclass
+class PruneConfig:
+    method: str = "none"
+    rate: float = 0.0
+    min_density: float = 0.0
+    layer_types: list[str] = field(default_factory=lambda: list(PRUNABLE_TYPES))
+    finetune_epochs: int = 0
+    finetune_lr: float = 0.01
+    # tfmot
+    schedule: str = "polynomial_decay"
+    initial_sparsity: float = 0.0
+    final_sparsity: float = 0.0
+    begin: float = 0.0
+    end: float = 1.0
+    frequency: int = 100
+    structured_2_4: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("none", "flat", "layer", "tfmot"), "prune.method",
+               f"unknown method {self.method!r}")
+        _check_fraction(self.rate, "prune.rate", high_open=True)
+        _check_fraction(self.min_density, "prune.min_density")
+        _check(self.rate + self.min_density <= 1, "prune.min_density",
+               "prune.rate + prune.min_density must not exceed 1")
+        for name in self.layer_types:
+            _check(name in PRUNABLE_TYPES, "prune.layer_types",
+                   f"unknown layer type {name!r}; choose from {', '.join(PRUNABLE_TYPES)}")
+        _check(self.method == "none" or bool(self.layer_types), "prune.layer_types",
+               "must name at least one layer type")
+        _check(self.finetune_epochs >= 0, "prune.finetune_epochs", "must be >= 0")
+        _check(self.finetune_lr > 0, "prune.finetune_lr", "must be > 0")
+        if self.method == "tfmot":
+            self._check_tfmot()
+
+    def _check_tfmot(self) -> None:
+        _check(self.schedule in ("polynomial_decay", "constant"), "prune.schedule",
+               f"must be polynomial_decay or constant, got {self.schedule!r}")
+        _check_fraction(self.initial_sparsity, "prune.initial_sparsity", high_open=True)
+        _check_fraction(self.final_sparsity, "prune.final_sparsity", high_open=True)
+        _check(self.initial_sparsity <= self.final_sparsity, "prune.initial_sparsity",
+               "must not exceed prune.final_sparsity")
+        _check_fraction(self.begin, "prune.begin", high_open=True)
+        _check_fraction(self.end, "prune.end")
+        _check(self.begin < self.end, "prune.begin", "must be before prune.end")
+        _check(self.frequency >= 1, "prune.frequency", "must be >= 1")
+        _check(self.finetune_epochs >= 1, "prune.finetune_epochs",
+               "tfmot prunes while training: needs at least 1 epoch")
+        _check("DepthwiseConv2D" not in self.layer_types, "prune.layer_types",
+               "tfmot leaves DepthwiseConv2D kernels dense; remove it from the list")
+
+    @property
+    def target_sparsity(self) -> float:
+        """Returns the sparsity this method aims at over its prunable kernels."""
+        if self.method == "tfmot":
+            return 0.5 if self.structured_2_4 else self.final_sparsity
+        return self.rate if self.method in ("flat", "layer") else 0.0
+
+
+# ---------------------------------------------------------------------------- quant
+@dataclass
+class QuantConfig:
+    mode: str = "none"
+    representative_samples: int = 256
+    integer_io: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("none", "dynamic", "int8", "float16"), "quant.mode",
+               f"unknown mode {self.mode!r}")
+        _check(self.representative_samples >= 1, "quant.representative_samples", "must be >= 1")
+
+
+# ------------------------------------------------------------------ tracking, paths
+@dataclass
+class TrackingConfig:
+    uri: str
+    artifact_location: str | None = None
+    experiment: str = "prunesweep"
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment), "tracking.experiment", "must not be empty")
+
+
+@dataclass
+class PathsConfig:
+    root: str
+    mlruns_dir: str
+    cache_dir: str
+    output_dir: str
+
+
+@dataclass
+class Settings:
+    """Everything one experiment needs, typed and range-checked."""
+
+    paths: PathsConfig
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    prune: PruneConfig
+    quant: QuantConfig
+    tracking: TrackingConfig
+    objective: str = "accuracy_per_mb"
+
+    def __post_init__(self) -> None:
+        _check(self.objective in OBJECTIVES, "objective",
+               f"unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
+
+
+def _typed(cfg: Any, schema: type, key: str) -> Any:
+    """Returns ``cfg`` as an instance of ``schema``; bad keys and types raise ConfigError."""
+    if cfg is None:
+        raise ConfigError(f"{key}: missing config group")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        full_key = getattr(error, "full_key", None) or ""
+        detail = str(error).splitlines()[0]
+        raise ConfigError(f"{key}.{full_key}: {detail}" if full_key else f"{key}: {detail}") \
+            from None
+
+
+def settings_from(cfg: DictConfig) -> Settings:
+    """Returns the typed settings of a composed config, or raises ConfigError naming the key."""
+    groups = {
+        "paths": PathsConfig,
+        "data": DataConfig,
+        "model": ModelConfig,
+        "train": TrainConfig,
+        "prune": PruneConfig,
+        "quant": QuantConfig,
+        "tracking": TrackingConfig,
+    }
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        full_key = getattr(error, "full_key", None) or "config"
+        raise ConfigError(f"{full_key}: {str(error).splitlines()[0]}") from None
+    parts = {name: _typed(resolved.get(name), schema, name) for name, schema in groups.items()}
+    return Settings(**parts, objective=resolved.get("objective", "accuracy_per_mb"))

@@ -1,0 +1,123 @@
+"""One compression experiment: ``python -m src.run prune=flat prune.rate=0.7 quant=int8``.
+
+``run(cfg)`` does the work and returns the metrics; ``main`` is the Hydra entry point
+and returns the configured objective for sweepers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from src import baseline, data, measure, quantize, tracking
+from src.config import ConfigError, Settings, register_resolvers, settings_from
+from src.data import DataError
+from src.keras_env import keras
+from src.prune import prune
+from src.train import evaluate
+
+
+def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
+        extra_tags: dict[str, str] | None = None, nested: bool = False) -> dict[str, float]:
+    """Runs one tracked experiment and returns its metrics (see README for their names).
+
+    callbacks go to fine-tuning (the search uses them to report and stop early trials).
+    """
+    started = time.perf_counter()
+    settings = settings_from(cfg)  # bad settings fail here, before data or training
+    dataset = data.load(settings.data, settings.paths.cache_dir)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(settings.train.seed)
+    key = baseline.baseline_key(dataset, settings.data, settings.model, settings.train)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    config_yaml = OmegaConf.to_yaml(resolved)
+    tags = {
+        "git_commit": tracking.git_commit(),
+        "config_hash": hashlib.sha256(config_yaml.encode()).hexdigest()[:16],
+        "baseline_key": key,
+        "data_fingerprint": dataset.fingerprint,
+        "prune_method": settings.prune.method,
+        "quant_mode": settings.quant.mode,
+        **(extra_tags or {}),
+    }
+    with tracking.tracked_run(settings.tracking, tags, nested=nested) as active:
+        tracking.log_params(tracking.flatten(resolved))
+        tracking.log_params({"prune.layer_types_effective": ",".join(settings.prune.layer_types)
+                             if settings.prune.method != "none" else ""})
+        base = baseline.load_or_train(key, settings.paths.cache_dir, dataset, settings.model,
+                                      settings.train)
+        tracking.set_tags({"baseline_reused": base.reused})
+        tracking.log_history("baseline", base.history)
+        pruned_at = time.perf_counter()
+        result = prune(base.model, settings.prune, dataset, settings.train, callbacks)
+        tracking.log_history("finetune", result.history)
+        tracking.log_params({f"prune.{k}": v for k, v in result.schedule_steps.items()})
+        prune_seconds = time.perf_counter() - pruned_at
+        out_dir = Path(settings.paths.output_dir) / "exports" / active.info.run_id
+        metrics, files = export_and_measure(result.model, settings, dataset, out_dir)
+        (out_dir / "config.yaml").write_text(config_yaml)
+        metrics.update({
+            "baseline_test_accuracy": base.test_accuracy,
+            "baseline_train_seconds": base.train_seconds if not base.reused else 0.0,
+            "prune_seconds": prune_seconds,
+        })
+        metrics["run_seconds"] = time.perf_counter() - started
+        tracking.log_metrics(metrics)
+        tracking.log_artifacts([*files, out_dir / "config.yaml"])
+    return metrics
+
+
+def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dataset,
+                       out_dir: Path) -> tuple[dict[str, float], list[Path]]:
+    """Returns the accuracy, sparsity and size metrics, and the files to upload."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    test_accuracy = evaluate(model, dataset.x_test, dataset.y_test)
+    rows = measure.layer_sparsity(model, settings.prune.layer_types
+                                  if settings.prune.method != "none" else ())
+    if settings.prune.method == "none":
+        rows = measure.layer_sparsity(model, measure.KERNEL_ATTRIBUTE)
+    table = out_dir / "sparsity_per_layer.csv"
+    table.write_text(measure.sparsity_table(rows))
+    keras_file = out_dir / "model.h5"
+    model.save(keras_file, include_optimizer=False)
+    tflite_file = out_dir / "model.tflite"
+    flatbuffer = quantize.to_tflite(model, settings.quant, dataset.x_train)
+    tflite_file.write_bytes(flatbuffer)
+    export_seconds = time.perf_counter() - started
+    tflite_accuracy = quantize.evaluate_tflite(flatbuffer, dataset.x_test, dataset.y_test)
+    tflite_zip_bytes = measure.zip_file(tflite_file).stat().st_size
+    metrics = {
+        "test_accuracy": test_accuracy,
+        "tflite_accuracy": tflite_accuracy,
+        "sparsity_global": measure.global_sparsity(rows),
+        "sparsity_all_params": measure.parameter_sparsity(model),
+        "tflite_sparsity": measure.tflite_weight_sparsity(flatbuffer),
+        "model_bytes": keras_file.stat().st_size,
+        "model_zip_bytes": measure.zip_file(keras_file).stat().st_size,
+        "tflite_bytes": tflite_file.stat().st_size,
+        "tflite_zip_bytes": tflite_zip_bytes,
+        "accuracy_per_mb": tflite_accuracy / (tflite_zip_bytes / measure.MB),
+        "export_seconds": export_seconds,
+        "evaluate_seconds": time.perf_counter() - started - export_seconds,
+    }
+    return metrics, [tflite_file, table]
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point: runs one experiment and returns the configured objective."""
+    try:
+        return run(cfg)[cfg.objective]
+    except (ConfigError, DataError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    register_resolvers()
+    main()

@@ -1,0 +1,101 @@
+"""MLflow at the edge: one run per experiment, its params, metrics, tags and artifacts."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import RunStatus
+
+from src.config import PROJECT_ROOT, TrackingConfig
+
+
+def connect(cfg: TrackingConfig) -> str:
+    """Points MLflow at the configured store and returns the experiment id."""
+    if cfg.uri.startswith("sqlite:///"):
+        Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(cfg.uri)
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = Path(cfg.artifact_location).as_uri() if cfg.artifact_location else None
+    try:
+        return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by another worker
+        return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+@contextlib.contextmanager
+def tracked_run(cfg: TrackingConfig, tags: Mapping[str, str], run_name: str | None = None,
+                nested: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """Yields an active MLflow run that ends FINISHED, FAILED or (on Ctrl-C) KILLED."""
+    experiment_id = connect(cfg)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run_name,
+                           nested=nested, tags={**cfg.tags, **tags})
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException as error:
+        mlflow.set_tag("failure_reason", f"{type(error).__name__}: {error}"[:5000])
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Returns nested mappings as one level with dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Logs params (values as strings, clipped to MLflow's limit)."""
+    mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+
+
+def log_metrics(metrics: Mapping[str, float]) -> None:
+    """Logs scalar metrics."""
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+
+
+def log_history(prefix: str, history: Mapping[str, list[float]]) -> None:
+    """Logs per-epoch curves as metrics named <prefix>_<name> with the epoch as step."""
+    for name, values in history.items():
+        for epoch, value in enumerate(values):
+            mlflow.log_metric(f"{prefix}_{name}", value, step=epoch)
+
+
+def log_artifacts(paths: list[Path]) -> None:
+    """Uploads files to the active run's artifacts."""
+    for path in paths:
+        mlflow.log_artifact(str(path))
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    """Sets tags on the active run."""
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def git_commit() -> str:
+    """Returns the project's git commit (with '-dirty' for local changes), or 'unknown'."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, check=True,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+        return commit + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
