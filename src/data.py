@@ -11,7 +11,6 @@ import io
 import os
 import pickle
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -176,30 +175,38 @@ def read_local(path: Path, image_size: int) -> tuple[tuple[np.ndarray, ...], lis
         batches = path if (path / "data_batch_1").exists() else path / "cifar-10-batches-py"
         if (batches / "data_batch_1").exists():
             return _cifar_batches({p.name: p.read_bytes() for p in batches.iterdir()}, path)
-        return _image_folder(_folder_files(path), path, image_size)
+        folders = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_dir()}
+        return _image_folder(_folder_files(path), folders, path, image_size)
     try:
         with tarfile.open(path) as archive:
-            files = dict(_tar_files(archive, path))
+            files, folders = _tar_files(archive, path)
     except (tarfile.TarError, OSError, EOFError) as error:
         raise DataError(f"data.path: {path} is not a readable tar archive ({error})") from None
     names = {PurePosixPath(name).name for name in files}
     if "data_batch_1" in names:
         return _cifar_batches({PurePosixPath(k).name: v for k, v in files.items()}, path)
-    return _image_folder(files, path, image_size)
+    return _image_folder(files, folders, path, image_size)
 
 
-def _tar_files(archive: tarfile.TarFile, path: Path) -> Iterator[tuple[str, bytes]]:
-    """Yields (member name, bytes) of the regular files; unsafe members are refused."""
+def _tar_files(archive: tarfile.TarFile, path: Path) -> tuple[dict[str, bytes], set[str]]:
+    """Returns {name: bytes} of the regular files and the folder names; unsafe members raise."""
     dest = str(path.parent / "_extract")
+    files: dict[str, bytes] = {}
+    folders: set[str] = set()
     for member in archive:
         try:
+            if PurePosixPath(member.name).is_absolute():  # data_filter would only strip the "/"
+                raise tarfile.AbsolutePathError(member)
             member = tarfile.data_filter(member, dest)
         except tarfile.FilterError as error:
             raise DataError(f"data.path: {path} has an unsafe member refused: {error}") from None
-        if member.isfile():
+        if member.isdir():
+            folders.add(member.name.rstrip("/"))
+        elif member.isfile():
             handle = archive.extractfile(member)
             if handle is not None:
-                yield member.name, handle.read()
+                files[member.name] = handle.read()
+    return files, folders
 
 
 def _folder_files(path: Path) -> dict[str, bytes]:
@@ -215,9 +222,13 @@ def _split_parts(name: str) -> tuple[str, str] | None:
     return None
 
 
-def _image_folder(files: dict[str, bytes], path: Path, image_size: int):
+def _image_folder(files: dict[str, bytes], folders: set[str], path: Path, image_size: int):
     """Returns arrays and class names from train/<class>/* and test/<class>/* files."""
     layout: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+    for folder in folders:  # class folders count even when empty, so they can be named
+        found = _split_parts(f"{folder}/file")
+        if found:
+            layout[found[0]].setdefault(found[1], [])
     for name in sorted(files):
         found = _split_parts(name)
         if found and not PurePosixPath(name).name.startswith("."):

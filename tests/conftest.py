@@ -1,0 +1,50 @@
+"""Shared fixtures: the real Hydra config, composed and shrunk to tiny models and data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from src.config import PROJECT_ROOT, register_resolvers
+
+CONF_DIR = str(PROJECT_ROOT / "conf")
+
+# Small enough that a whole experiment (train, prune, convert, evaluate) takes seconds.
+# The data and model entries give way when a test picks another option of that group.
+TINY = {
+    "data": ["data=synthetic", "data.n_train=160", "data.n_test=64", "data.num_classes=4"],
+    "model": ["model=resnet8", "model.filters=[4,8,8]"],
+    "train": ["train.epochs=1", "train.batch_size=32", "train.verbose=0"],
+}
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Returns the project's config composed with overrides, as the CLI would."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Returns a function composing a tiny config whose files all live under tmp_path."""
+
+    def make(*overrides: str, tiny: bool = True) -> DictConfig:
+        base = [f"paths.root={tmp_path}"]
+        for group, entries in TINY.items():
+            if tiny and not any(o.startswith(f"{group}=") for o in overrides):
+                base += entries
+        return compose_config(base + list(overrides))
+
+    return make
+
+
+def runs_of(cfg: DictConfig) -> list[mlflow.entities.Run]:
+    """Returns every run in the config's MLflow experiment, newest first."""
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    return mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")

@@ -1,0 +1,84 @@
+"""Every option of every config group composes and validates; bad values name their key."""
+
+from __future__ import annotations
+
+import pytest
+
+from src.config import ConfigError, Settings, settings_from
+
+GROUP_OPTIONS = {
+    "data": ["cifar10", "image_folder", "synthetic"],
+    "model": ["mobilenetv2", "mobilenetv2_cifar", "resnet8"],
+    "train": ["default"],
+    "prune": ["none", "flat", "layer", "tfmot"],
+    "quant": ["none", "dynamic", "int8", "float16"],
+    "tracking": ["mlflow"],
+    "paths": ["default"],
+}
+
+
+def test_group_options_match_conf_folder():
+    from src.config import PROJECT_ROOT
+
+    for group, options in GROUP_OPTIONS.items():
+        found = sorted(p.stem for p in (PROJECT_ROOT / "conf" / group).glob("*.yaml"))
+        assert found == sorted(options), group
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g, options in GROUP_OPTIONS.items() for o in options]
+)
+def test_every_option_composes_and_validates(make_cfg, tmp_path, group, option):
+    extra = ["data.path=/some/folder"] if option == "image_folder" else []
+    settings = settings_from(make_cfg(f"{group}={option}", *extra, tiny=False))
+    assert isinstance(settings, Settings)
+    node = getattr(settings, group)
+    if group == "prune":
+        assert node.method == option
+    elif group == "quant":
+        assert node.mode == {"none": "none"}.get(option, option)
+    elif group in ("data", "model"):
+        assert node.name == option
+
+
+def test_defaults_point_into_project_mlruns(make_cfg, tmp_path):
+    settings = settings_from(make_cfg())
+    assert settings.tracking.uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert settings.paths.cache_dir.startswith(str(tmp_path / "mlruns"))
+    assert settings.data.image_size == settings.model.input_size
+
+
+def test_quick_experiment_is_a_diff_of_the_defaults(make_cfg):
+    settings = settings_from(make_cfg("experiment=quick", tiny=False))
+    assert settings.data.name == "synthetic" and settings.model.name == "resnet8"
+    assert settings.train.epochs == 3
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["prune=flat", "prune.rate=1.5"], "prune.rate"),
+        (["prune=flat", "prune.rate=1.0"], "prune.rate"),
+        (["prune=layer", "prune.rate=-0.1"], "prune.rate"),
+        (["prune=flat", "prune.rate=abc"], "prune.rate"),
+        (["prune=flat", "prune.layer_types=[Conv3D]"], "prune.layer_types"),
+        (["prune=tfmot", "prune.final_sparsity=1.2"], "prune.final_sparsity"),
+        (["prune=tfmot", "prune.finetune_epochs=0"], "prune.finetune_epochs"),
+        (["prune=tfmot", "prune.begin=0.9", "prune.end=0.5"], "prune.begin"),
+        (["prune=tfmot", "prune.layer_types=[Conv2D,DepthwiseConv2D]"], "prune.layer_types"),
+        (["train.epochs=0"], "train.epochs"),
+        (["train.optimizer=rmsprop"], "train.optimizer"),
+        (["+prune.unknown_key=1"], "prune.unknown_key"),
+        (["data.val_fraction=1.0"], "data.val_fraction"),
+        (["objective=speed"], "objective"),
+        (["quant=int8", "quant.representative_samples=0"], "quant.representative_samples"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(make_cfg, overrides, key):
+    with pytest.raises(ConfigError, match=rf"^{key}:"):
+        settings_from(make_cfg(*overrides))
+
+
+def test_missing_required_path_names_the_key(make_cfg):
+    with pytest.raises(ConfigError, match=r"^data\.path"):
+        settings_from(make_cfg("data=image_folder", tiny=False))

@@ -1,0 +1,120 @@
+"""End-to-end experiments: what lands in MLflow matches the files and the settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from src import baseline
+from src.run import run
+from tests.conftest import runs_of
+
+
+def artifact_dir(mlflow_run) -> Path:
+    return Path(mlflow_run.info.artifact_uri.removeprefix("file://"))
+
+
+def test_flat_int8_run_is_tracked_with_true_sizes(make_cfg):
+    cfg = make_cfg("prune=flat", "prune.rate=0.7", "quant=int8")
+    returned = run(cfg)
+    (tracked,) = runs_of(cfg)
+    metrics, params, tags = tracked.data.metrics, tracked.data.params, tracked.data.tags
+    assert tracked.info.status == "FINISHED"
+    assert abs(metrics["sparsity_global"] - 0.70) < 0.005
+    assert metrics["tflite_sparsity"] >= 0.69  # int8 rounding only adds zeros
+    files = artifact_dir(tracked)
+    assert metrics["tflite_bytes"] == (files / "model.tflite").stat().st_size
+    assert {"model.tflite", "sparsity_per_layer.csv", "config.yaml"} <= {
+        p.name for p in files.iterdir()}
+    exports = Path(cfg.paths.output_dir) / "exports" / tracked.info.run_id
+    for metric, name in [("model_bytes", "model.h5"), ("model_zip_bytes", "model.h5.zip"),
+                         ("tflite_bytes", "model.tflite"),
+                         ("tflite_zip_bytes", "model.tflite.zip")]:
+        assert metrics[metric] == (exports / name).stat().st_size, metric
+    assert metrics["accuracy_per_mb"] == pytest.approx(
+        metrics["tflite_accuracy"] / (metrics["tflite_zip_bytes"] / 1e6))
+    assert returned["accuracy_per_mb"] == pytest.approx(metrics["accuracy_per_mb"])
+    assert params["prune.rate"] == "0.7" and params["quant.mode"] == "int8"
+    assert params["prune.layer_types"] == "['Conv2D', 'DepthwiseConv2D', 'Dense']"
+    for tag in ("git_commit", "config_hash", "baseline_key", "data_fingerprint"):
+        assert tags[tag]
+    assert "baseline_val_accuracy" in metrics  # per-epoch curve
+    table = (files / "sparsity_per_layer.csv").read_text().splitlines()
+    assert table[0].startswith("layer,type") and len(table) > 5
+
+
+def test_second_run_reuses_the_cached_baseline(make_cfg, monkeypatch):
+    run(make_cfg("prune=layer", "prune.rate=0.5"))
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("baseline trained again")
+
+    monkeypatch.setattr(baseline, "_train_and_store", no_training)
+    cfg = make_cfg("prune=flat", "prune.rate=0.3")
+    run(cfg)
+    newest, first = runs_of(cfg)
+    assert newest.data.tags["baseline_reused"] == "True"
+    assert first.data.tags["baseline_reused"] == "False"
+    assert newest.data.tags["baseline_key"] == first.data.tags["baseline_key"]
+    assert newest.data.metrics["baseline_train_seconds"] == 0.0
+
+
+def test_corrupt_baseline_cache_is_rebuilt(make_cfg):
+    cfg = make_cfg()
+    run(cfg)
+    (model_file,) = Path(cfg.paths.cache_dir).glob("baselines/*/model.h5")
+    model_file.write_bytes(b"garbage")
+    run(cfg)
+    assert runs_of(cfg)[0].data.tags["baseline_reused"] == "False"
+
+
+@pytest.mark.parametrize("mode", ["none", "dynamic", "int8", "float16"])
+def test_every_quantization_mode_exports_and_evaluates(make_cfg, mode):
+    cfg = make_cfg("prune=flat", "prune.rate=0.5", f"quant={mode}")
+    metrics = run(cfg)
+    assert 0.0 <= metrics["tflite_accuracy"] <= 1.0
+    assert abs(metrics["tflite_accuracy"] - metrics["test_accuracy"]) < 0.1
+    assert metrics["tflite_sparsity"] >= 0.49
+
+
+def test_float16_and_int8_shrink_the_file(make_cfg):
+    sizes = {mode: run(make_cfg(f"quant={mode}"))["tflite_bytes"]
+             for mode in ("none", "float16", "int8")}
+    assert sizes["int8"] < sizes["float16"] < sizes["none"]
+
+
+def test_int8_with_integer_io(make_cfg):
+    metrics = run(make_cfg("quant=int8", "quant.integer_io=true"))
+    assert abs(metrics["tflite_accuracy"] - metrics["test_accuracy"]) < 0.1
+
+
+@pytest.mark.parametrize("model", ["mobilenetv2", "mobilenetv2_cifar", "resnet8"])
+def test_every_model_runs(make_cfg, model):
+    metrics = run(make_cfg(f"model={model}", "model.input_size=16", "prune=layer",
+                           "prune.rate=0.5", *(["model.alpha=0.35"] if model != "resnet8"
+                                               else ["model.filters=[4,8,8]"])))
+    assert abs(metrics["sparsity_global"] - 0.5) < 0.005
+
+
+def test_tfmot_run_logs_schedule_and_curves(make_cfg):
+    cfg = make_cfg("prune=tfmot", "prune.final_sparsity=0.6", "prune.frequency=1",
+                   "prune.finetune_epochs=2")
+    metrics = run(cfg)
+    assert abs(metrics["sparsity_global"] - 0.6) < 0.01
+    tracked = runs_of(cfg)[0]
+    assert int(tracked.data.params["prune.end_step"]) > 0
+    assert "finetune_val_accuracy" in tracked.data.metrics
+
+
+def test_dense_run_has_no_sparsity(make_cfg):
+    metrics = run(make_cfg("prune=none"))
+    assert metrics["sparsity_global"] < 0.01
+
+
+def test_objective_is_returned_by_main(make_cfg, monkeypatch):
+    from src import run as run_module
+
+    cfg = make_cfg("objective=tflite_accuracy")
+    value = run_module.main.__wrapped__(cfg)
+    assert value == runs_of(cfg)[0].data.metrics["tflite_accuracy"]
