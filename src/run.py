@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from src import baseline, data, measure, quantize, tracking
@@ -35,6 +37,7 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     keras.utils.set_random_seed(settings.train.seed)
     key = baseline.baseline_key(dataset, settings.data, settings.model, settings.train)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("search", None)  # the search that chose these settings is logged by its worker
     config_yaml = OmegaConf.to_yaml(resolved)
     tags = {
         "git_commit": tracking.git_commit(),
@@ -109,11 +112,23 @@ def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dat
     return metrics, [tflite_file, table]
 
 
+def sweep_tags() -> dict[str, str]:
+    """Returns the sweep id and job number when Hydra runs this job as part of --multirun."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {}
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    return {"sweep_id": f"{sweep_dir.parent.name}_{sweep_dir.name}",
+            "sweep_job": str(hydra_cfg.job.num)}
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point: runs one experiment and returns the configured objective."""
     try:
-        return run(cfg)[cfg.objective]
+        return run(cfg, extra_tags=sweep_tags())[cfg.objective]
     except (ConfigError, DataError) as error:
         raise SystemExit(f"error: {error}") from None
 

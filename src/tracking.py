@@ -29,16 +29,22 @@ def connect(cfg: TrackingConfig) -> str:
         return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
 
 
+class StoppedEarly(Exception):
+    """Raised by a training callback that ends a run on purpose (e.g. a hopeless search trial)."""
+
+
 @contextlib.contextmanager
 def tracked_run(cfg: TrackingConfig, tags: Mapping[str, str], run_name: str | None = None,
                 nested: bool = False) -> Iterator[mlflow.ActiveRun]:
-    """Yields an active MLflow run that ends FINISHED, FAILED or (on Ctrl-C) KILLED."""
+    """Yields an active MLflow run that ends FINISHED, FAILED, or KILLED (Ctrl-C, StoppedEarly)."""
     experiment_id = connect(cfg)
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run_name,
                            nested=nested, tags={**cfg.tags, **tags})
     try:
         yield run
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StoppedEarly) as stop:
+        mlflow.set_tag("stopped_early" if isinstance(stop, StoppedEarly) else "interrupted",
+                       str(stop) or "true")
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException as error:
@@ -87,6 +93,15 @@ def log_artifacts(paths: list[Path]) -> None:
 def set_tags(tags: Mapping[str, Any]) -> None:
     """Sets tags on the active run."""
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def safe_url(url: str) -> str:
+    """Returns a storage URL with any password masked, fit for logging."""
+    head, at, tail = url.rpartition("@")
+    if not at or ":" not in head.split("//", 1)[-1]:
+        return url
+    scheme, _, credentials = head.partition("//")
+    return f"{scheme}//{credentials.split(':', 1)[0]}:***@{tail}"
 
 
 def git_commit() -> str:

@@ -48,3 +48,9 @@ def runs_of(cfg: DictConfig) -> list[mlflow.entities.Run]:
     """Returns every run in the config's MLflow experiment, newest first."""
     mlflow.set_tracking_uri(cfg.tracking.uri)
     return mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
+
+
+def assert_png(path: Path) -> None:
+    """Asserts that path is a real, non-trivial PNG image."""
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 2000, path

@@ -1,0 +1,128 @@
+"""The Optuna search: trials as nested MLflow runs, trial early stopping, Pareto, resume."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+
+from src.config import ConfigError, search_settings_from
+from src.search import make_study, run_search
+from src.summary import report
+from tests.conftest import CONF_DIR, TINY, assert_png, runs_of
+
+TrialState = optuna.trial.TrialState
+
+
+def search_cfg(tmp_path, *overrides):
+    """Returns (config, composer) for a tiny search stored under tmp_path."""
+    base = [f"paths.root={tmp_path}", *TINY["data"], *TINY["model"], *TINY["train"],
+            "train.epochs=2", "search.n_trials=4", *overrides]
+
+    def composer(extra):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="config", overrides=base + extra)
+
+    return composer([]), composer
+
+
+def trial_runs(cfg):
+    return [r for r in runs_of(cfg) if "trial_number" in r.data.tags]
+
+
+def test_early_stopping_study_records_trials_and_nested_runs(tmp_path):
+    # One good trial first, then trials whose huge learning rate wrecks accuracy: the median
+    # rule must stop those after their first fine-tuning epoch.
+    cfg, composer = search_cfg(
+        tmp_path, "search=accuracy_per_mb", "search.accuracy_floor=null",
+        "search.early_stop.startup_trials=1",
+        "~search.space", "+search.space={method: {path: prune, choices: [flat]}, "
+        "rate: {path: prune.rate, low: 0.3, high: 0.5}, "
+        "finetune_epochs: {path: prune.finetune_epochs, low: 3, high: 3, type: int}, "
+        "finetune_lr: {path: prune.finetune_lr, choices: [0.0001, 50.0]}}")
+    study = make_study(search_settings_from(cfg))
+    for lr in (0.0001, 50.0, 50.0, 0.0001):
+        study.enqueue_trial({"method": "flat", "rate": 0.4, "finetune_epochs": 3,
+                             "finetune_lr": lr})
+    study = run_search(cfg, composer)
+    states = [t.state for t in study.trials]
+    assert len(states) == 4
+    assert states.count(TrialState.COMPLETE) >= 1 and states.count(TrialState.PRUNED) >= 1
+    runs = {int(r.data.tags["trial_number"]): r for r in trial_runs(cfg)}
+    assert sorted(runs) == [0, 1, 2, 3]
+    parent = [r for r in runs_of(cfg) if r.data.tags.get("role") == "search_worker"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    for trial in study.trials:
+        tracked = runs[trial.number]
+        assert tracked.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+        expected = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}[trial.state]
+        assert tracked.info.status == expected
+        if trial.state == TrialState.PRUNED:
+            assert tracked.data.tags["stopped_early"].startswith("stopped after epoch")
+        else:
+            assert trial.value == pytest.approx(tracked.data.metrics["accuracy_per_mb"])
+    text, files = report("study", "accuracy_per_mb", [f"paths.root={tmp_path}"])
+    complete = states.count(TrialState.COMPLETE)
+    assert f"4 trials: {complete} complete, {4 - complete} early-stopped, 0 failed" in text
+    assert f"| {study.best_trial.number} | " in text
+    assert "optimization_history.png" in {f.name for f in files}
+    for plot in files:
+        assert_png(plot)
+
+
+def test_pareto_study_and_resume_by_name(tmp_path):
+    cfg, composer = search_cfg(
+        tmp_path, "search=pareto", "search.n_trials=2",
+        "~search.space", "+search.space={rate: {path: prune.rate, low: 0.2, high: 0.9}, "
+        "method: {path: prune, choices: [flat, layer]}, quant: {path: quant, choices: [int8]}}")
+    first = run_search(cfg, composer)
+    assert len(first.trials) == 2 and len(first.best_trials) >= 1
+    for trial in first.best_trials:
+        assert 0 <= trial.values[0] <= 1 and trial.values[1] > 0
+    again = run_search(cfg, composer)
+    assert len(again.trials) == 4 and again.study_name == first.study_name
+    assert all(t.state == TrialState.COMPLETE for t in again.trials)
+    text, files = report("study", "pareto", [f"paths.root={tmp_path}", "search=pareto"])
+    assert "4 trials: 4 complete, 0 early-stopped, 0 failed" in text
+    assert "Pareto front" in text
+    assert {f.name for f in files} >= {"pareto_front.png", "optimization_history.png"}
+    for plot in files:
+        assert_png(plot)
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
+    cfg, composer = search_cfg(
+        tmp_path, "search=accuracy_per_mb", "search.n_trials=2", "search.early_stop.rule=none",
+        "~search.space", "+search.space={rate: {path: prune.rate, low: 0.2, high: 0.4}, "
+        "method: {path: prune, choices: [flat]}, "
+        "min_density: {path: prune.min_density, low: 0.9, high: 0.9}}")
+    study = run_search(cfg, composer)
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 2
+    assert "prune.rate + prune.min_density" in study.trials[0].user_attrs["failure_reason"]
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("search.space.rate.low=0.99", "search.space.rate.low"),
+        ("+search.space.bogus={path: prune.nonexistent, low: 0, high: 1}",
+         "search.space.bogus.path"),
+        ("search.space.quant.choices=[]", "search.space.quant.choices"),
+        ("search.space.quant.choices=[int4]", "search.space.quant.choices"),
+        ("search.storage=redis://localhost/0", "search.storage"),
+        ("search.objectives=[speed]", "search.objectives"),
+        ("search.n_trials=0", "search.n_trials"),
+    ],
+)
+def test_bad_search_settings_name_the_key(tmp_path, override, key):
+    cfg, _ = search_cfg(tmp_path, "search=accuracy_per_mb", override)
+    with pytest.raises(ConfigError, match=rf"^{key}"):
+        search_settings_from(cfg)
+
+
+def test_reusing_a_study_name_with_other_objectives_is_refused(tmp_path):
+    cfg, _ = search_cfg(tmp_path, "search=accuracy_per_mb")
+    make_study(search_settings_from(cfg))
+    other, _ = search_cfg(tmp_path, "search=pareto", "search.study_name=accuracy_per_mb")
+    with pytest.raises(ConfigError, match="^search.study_name: study 'accuracy_per_mb' was"):
+        make_study(search_settings_from(other))
