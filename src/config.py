@@ -130,6 +130,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
+    deterministic: bool = False
     verbose: int = 1
 
     def __post_init__(self) -> None:
@@ -335,6 +336,12 @@ class SearchConfig:
     sampler: str = "tpe"
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     space: dict[str, DimensionConfig] = field(default_factory=dict)
+    heartbeat_seconds: int | None = 30
+    grace_seconds: int | None = None
+    max_retries: int = 1
+    max_failure_rate: float = 0.5
+    failure_rate_min_trials: int = 4
+    connect_timeout: int = 10
 
     def __post_init__(self) -> None:
         _check(bool(self.study_name), "search.study_name", "must not be empty")
@@ -359,6 +366,14 @@ class SearchConfig:
         _check(rule == "none" or len(self.objectives) == 1, "search.early_stop.rule",
                "trial early stopping needs a single objective; set it to none")
         _check(bool(self.space), "search.space", "needs at least one dimension")
+        _check(self.heartbeat_seconds is None or self.heartbeat_seconds >= 1,
+               "search.heartbeat_seconds", "must be >= 1 or null")
+        _check(self.grace_seconds is None or self.grace_seconds >= 1, "search.grace_seconds",
+               "must be >= 1 or null")
+        _check(self.max_retries >= 0, "search.max_retries", "must be >= 0")
+        _check_fraction(self.max_failure_rate, "search.max_failure_rate")
+        _check(self.failure_rate_min_trials >= 1, "search.failure_rate_min_trials", "must be >= 1")
+        _check(self.connect_timeout >= 1, "search.connect_timeout", "must be >= 1")
         for name, dim in self.space.items():
             _check_dimension(name, dim, list(self.space)[: list(self.space).index(name)])
 

@@ -7,6 +7,7 @@ and returns the configured objective for sweepers.
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,6 +132,9 @@ def main(cfg: DictConfig) -> float:
         return run(cfg, extra_tags=sweep_tags())[cfg.objective]
     except (ConfigError, DataError) as error:
         raise SystemExit(f"error: {error}") from None
+    except KeyboardInterrupt:
+        print("interrupted: the MLflow run ended as KILLED", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ fine-tuning epoch ("trial early stopping"; Optuna's name for it is pruning).
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from src.config import (
     ConfigError,
     DimensionConfig,
     SearchConfig,
+    Settings,
     register_resolvers,
     search_settings_from,
     settings_from,
@@ -79,11 +83,9 @@ def make_study(search: SearchConfig) -> optuna.Study:
         "random": lambda: optuna.samplers.RandomSampler(seed=search.seed),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=search.seed),
     }
-    if search.storage.startswith("sqlite:///"):
-        Path(search.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
         study = optuna.create_study(
-            study_name=search.study_name, storage=search.storage,
+            study_name=search.study_name, storage=open_storage(search),
             sampler=samplers[search.sampler](), pruner=_trial_stopper(search),
             directions=search.directions, load_if_exists=True,
         )
@@ -99,6 +101,23 @@ def make_study(search: SearchConfig) -> optuna.Study:
         raise ConfigError(f"search.study_name: study {search.study_name!r} was created for "
                           f"{recorded}; use another study name for {list(search.objectives)}")
     return study
+
+
+def open_storage(search: SearchConfig) -> optuna.storages.RDBStorage:
+    """Returns the study's database storage, with heartbeats so dead workers' trials retry."""
+    url = search.storage
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        connect_args = {"timeout": 60}  # wait for another worker's write lock, do not fail
+    else:
+        connect_args = {"connect_timeout": search.connect_timeout}
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=search.max_retries) \
+        if search.max_retries else None
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs={"connect_args": connect_args},
+        heartbeat_interval=search.heartbeat_seconds, grace_period=search.grace_seconds,
+        heartbeat_stale_trial_callback=retry,
+    )
 
 
 def _trial_stopper(search: SearchConfig) -> optuna.pruners.BasePruner:
@@ -118,14 +137,73 @@ def run_search(cfg: DictConfig, compose: Composer) -> optuna.Study:
     search = search_settings_from(cfg)
     base = settings_from(cfg)  # the untouched settings must be valid too
     study = make_study(search)
-    tags = {"role": "search_worker", "study_name": search.study_name}
+    if search.heartbeat_seconds:
+        optuna.storages.fail_stale_trials(study)  # trials of workers that died, retried
+    close_orphan_runs(study, base)
+    tags = {"role": "search_worker", "study_name": search.study_name,
+            "host": socket.gethostname(), "pid": str(os.getpid())}
+    cap = FailureCap(search.max_failure_rate, search.failure_rate_min_trials)
     with tracking.tracked_run(base.tracking, tags, run_name=f"search:{search.study_name}"):
         tracking.log_params({"search.objectives": ",".join(search.objectives),
                              "search.storage": tracking.safe_url(search.storage),
                              "search.n_trials": search.n_trials, "search.seed": search.seed})
         study.optimize(lambda trial: _trial(trial, search, compose), n_trials=search.n_trials,
-                       timeout=search.timeout, catch=(Exception,), callbacks=[_progress])
+                       timeout=search.timeout, catch=(Exception,), callbacks=[_progress, cap])
+        if cap.tripped:
+            raise SearchAborted(cap.tripped)
     return study
+
+
+class SearchAborted(RuntimeError):
+    """The search stopped itself because too many of its trials failed."""
+
+
+class FailureCap:
+    """Optuna callback that stops the study when too many of this worker's trials fail."""
+
+    def __init__(self, max_rate: float, min_trials: int):
+        self.max_rate, self.min_trials = max_rate, min_trials
+        self.finished = self.failed = 0
+        self.tripped = ""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.finished += 1
+        self.failed += trial.state == optuna.trial.TrialState.FAIL
+        if self.finished >= self.min_trials and self.failed / self.finished > self.max_rate:
+            reason = trial.user_attrs.get("failure_reason", "see the failed trials")
+            self.tripped = (f"search.max_failure_rate: {self.failed} of {self.finished} trials "
+                            f"failed (last: {reason})")
+            study.stop()
+
+
+def close_orphan_runs(study: optuna.Study, base: Settings) -> list[str]:
+    """Ends as KILLED the MLflow runs left RUNNING by workers that died; returns their ids.
+
+    A trial run is orphaned when its Optuna trial is no longer running; a worker's parent run
+    when its process is gone from this host (workers on other hosts close their own).
+    """
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    closed = []
+    for tracked in tracking.running_runs(base.tracking, {"study_name": study.study_name}):
+        tags = tracked.data.tags
+        if "trial_number" in tags:
+            orphan = states.get(int(tags["trial_number"])) != optuna.trial.TrialState.RUNNING
+        else:
+            orphan = tags.get("host") == socket.gethostname() and not _alive(int(tags["pid"]))
+        if orphan:
+            tracking.close_run(tracked.info.run_id, "its search worker died")
+            closed.append(tracked.info.run_id)
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _trial(trial: optuna.Trial, search: SearchConfig, compose: Composer) -> list[float]:
@@ -165,8 +243,12 @@ def main(cfg: DictConfig) -> None:
     task_overrides = list(HydraConfig.get().overrides.task)
     try:
         run_search(cfg, lambda extra: hydra.compose("config", overrides=task_overrides + extra))
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, SearchAborted) as error:
         raise SystemExit(f"error: {error}") from None
+    except KeyboardInterrupt:
+        print("interrupted: the current trial and this worker's MLflow run ended as KILLED",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -86,8 +86,10 @@ def _first_objective_to_minimize(study: optuna.Study):
 def importance_lines(study: optuna.Study) -> list[str]:
     """Returns parameter importances for the first objective, or why there are none."""
     try:
-        importances = optuna.importance.get_param_importances(
-            study, target=_first_objective_to_minimize(study))
+        with warnings.catch_warnings():  # the target is already oriented for the evaluator
+            warnings.simplefilter("ignore", UserWarning)
+            importances = optuna.importance.get_param_importances(
+                study, target=_first_objective_to_minimize(study))
     except (RuntimeError, ValueError) as error:
         return [f"Parameter importances: not available ({error})"]
     return ["Parameter importances (first objective):"] + [
@@ -100,6 +102,7 @@ def study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
     from optuna.visualization import matplotlib as optuna_plots
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator", category=UserWarning)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     multi = len(study.directions) > 1

@@ -55,6 +55,21 @@ def tracked_run(cfg: TrackingConfig, tags: Mapping[str, str], run_name: str | No
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
+def running_runs(cfg: TrackingConfig, tags: Mapping[str, str]) -> list[mlflow.entities.Run]:
+    """Returns the experiment's RUNNING runs carrying all the given tags."""
+    experiment_id = connect(cfg)
+    query = " and ".join([f"tags.{k} = '{v}'" for k, v in tags.items()]
+                         + ["attributes.status = 'RUNNING'"])
+    return mlflow.search_runs([experiment_id], filter_string=query, output_format="list")
+
+
+def close_run(run_id: str, reason: str) -> None:
+    """Ends a run left RUNNING by a dead process as KILLED, saying why."""
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "closed_because", reason)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Returns nested mappings as one level with dotted keys."""
     flat: dict[str, Any] = {}

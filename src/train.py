@@ -87,17 +87,28 @@ def compile_model(model: keras.Model, cfg: TrainConfig, lr: float, epochs: int,
     )
 
 
+class RaiseOnNaN(keras.callbacks.Callback):
+    """Fails training at the first NaN or infinite loss instead of training on garbage."""
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} at batch {batch}")
+
+
 def fit(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
         y_val: np.ndarray, num_classes: int, cfg: TrainConfig, *, epochs: int, lr: float,
         warmup_epochs: float, callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
     """Trains the model in place and returns its per-epoch history."""
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
     steps = math.ceil(len(x_train) / cfg.batch_size)
     compile_model(model, cfg, lr, epochs, steps, warmup_epochs)
     train_data = input_pipeline(x_train, y_train, num_classes, cfg, training=True)
     val_data = input_pipeline(x_val, y_val, num_classes, cfg, training=False) \
         if len(x_val) else None
     history = model.fit(train_data, validation_data=val_data, epochs=epochs,
-                        callbacks=list(callbacks), verbose=cfg.verbose)
+                        callbacks=[RaiseOnNaN(), *callbacks], verbose=cfg.verbose)
     return {k: [float(v) for v in values] for k, values in history.history.items()}
 
 

@@ -147,7 +147,7 @@ def test_empty_class_folder_is_named(tmp_path):
         data.load(cfg(folder, name="image_folder"), tmp_path)
 
 
-@pytest.mark.parametrize("member", ["../evil.png", "/abs/evil.png", "link"])
+@pytest.mark.parametrize("member", ["../evil.png", "/abs/evil.png", "link", "device"])
 def test_archive_members_landing_outside_are_refused(tmp_path, member):
     archive = tmp_path / "bad.tar"
     folder = write_image_folder(tmp_path / "pets")
@@ -156,6 +156,9 @@ def test_archive_members_landing_outside_are_refused(tmp_path, member):
         info = tarfile.TarInfo(member)
         if member == "link":
             info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        elif member == "device":
+            info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
             tar.addfile(info)
         else:
             info.size = 3

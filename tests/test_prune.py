@@ -87,12 +87,14 @@ def test_finetuning_holds_the_masks(make_cfg):
                - 0.6) < 0.005
 
 
-@pytest.mark.parametrize("schedule", ["polynomial_decay", "constant"])
-def test_tfmot_reaches_final_sparsity_and_leaves_depthwise_dense(make_cfg, schedule):
+@pytest.mark.parametrize("schedule,model", [
+    ("polynomial_decay", ["model=mobilenetv2_cifar", "model.alpha=0.25", "model.input_size=16"]),
+    ("constant", []),
+])
+def test_tfmot_reaches_final_sparsity_and_leaves_depthwise_dense(make_cfg, schedule, model):
     settings, result = pruned_model(
         make_cfg, "prune=tfmot", f"prune.schedule={schedule}", "prune.final_sparsity=0.8",
-        "prune.frequency=2", "prune.finetune_epochs=2", "model=mobilenetv2_cifar",
-        "model.alpha=0.25", "model.input_size=16")
+        "prune.frequency=2", "prune.finetune_epochs=2", *model)
     rows = layer_sparsity(result.model, settings.prune.layer_types)
     for row in rows:
         if row.kind == "DepthwiseConv2D":

@@ -118,3 +118,35 @@ def test_objective_is_returned_by_main(make_cfg, monkeypatch):
     cfg = make_cfg("objective=tflite_accuracy")
     value = run_module.main.__wrapped__(cfg)
     assert value == runs_of(cfg)[0].data.metrics["tflite_accuracy"]
+
+
+@pytest.fixture
+def op_determinism():
+    """Leaves TensorFlow's process-wide op determinism off again after the test."""
+    yield
+    from tensorflow.python.framework import config as tf_config
+
+    tf_config.disable_op_determinism()
+
+
+def test_same_config_and_seed_give_the_same_model(tmp_path, op_determinism):
+    from tests.conftest import compose_config
+
+    results = []
+    for name in ("a", "b"):
+        cfg = compose_config([f"paths.root={tmp_path / name}", "data=synthetic",
+                              "data.n_train=160", "data.n_test=64", "data.num_classes=4",
+                              "model=resnet8", "model.filters=[4,8,8]", "train.epochs=2",
+                              "train.batch_size=32", "train.verbose=0",
+                              "train.deterministic=true", "prune=flat", "prune.rate=0.6",
+                              "quant=int8"])
+        metrics = run(cfg)
+        (tracked,) = runs_of(cfg)
+        exported = Path(cfg.paths.output_dir) / "exports" / tracked.info.run_id
+        results.append((metrics, (exported / "sparsity_per_layer.csv").read_text(),
+                        (exported / "model.tflite").read_bytes(), tracked.data.tags))
+    (m1, table1, tflite1, tags1), (m2, table2, tflite2, tags2) = results
+    assert table1 == table2  # the same masks, layer by layer
+    assert tflite1 == tflite2  # and the same exported bytes
+    assert tags1["baseline_key"] == tags2["baseline_key"]
+    assert m1["tflite_accuracy"] == m2["tflite_accuracy"]

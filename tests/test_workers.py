@@ -1,0 +1,164 @@
+"""Many workers and faults: PostgreSQL-backed studies, killed workers, Ctrl-C, bad storage."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+
+from src import tracking
+from src.config import PROJECT_ROOT, ConfigError, search_settings_from, settings_from
+from src.search import make_study
+from tests import postgres
+from tests.conftest import TINY, compose_config, runs_of
+
+TrialState = optuna.trial.TrialState
+REQUIRE_POSTGRES = os.environ.get("PRUNESWEEP_REQUIRE_POSTGRES") == "1"
+SEARCH = [*TINY["data"], *TINY["model"], *TINY["train"], "search=accuracy_per_mb",
+          "search.accuracy_floor=null", "search.early_stop.rule=none", "~search.space"]
+
+
+def start(module: str, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *overrides], cwd=PROJECT_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def finish(process: subprocess.Popen, timeout: float = 400) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.mark.skipif(not postgres.available() and not REQUIRE_POSTGRES,
+                    reason="PostgreSQL is not installed (.ci/run installs it)")
+def test_two_workers_share_one_postgresql_study(tmp_path):
+    with postgres.server() as url:
+        overrides = [
+            f"paths.root={tmp_path}", *SEARCH, f"search.storage={url}/optuna",
+            f"tracking.uri={url}/mlflow", "search.n_trials=3", "search.study_name=shared",
+            "+search.space={rate: {path: prune.rate, low: 0.2, high: 0.8}, "
+            "method: {path: prune, choices: [flat, layer]}}",
+        ]
+        cfg = compose_config(overrides)
+        make_study(search_settings_from(cfg))  # create schema and study before workers race
+        tracking.connect(settings_from(cfg).tracking)
+        workers = [start("src.search", *overrides) for _ in range(2)]
+        for worker in workers:
+            finish(worker)
+        study = optuna.load_study(study_name="shared", storage=f"{url}/optuna")
+        numbers = sorted(t.number for t in study.trials)
+        assert numbers == list(range(6))
+        assert all(t.state == TrialState.COMPLETE for t in study.trials)
+        runs = runs_of(cfg)
+        parents = [r for r in runs if r.data.tags.get("role") == "search_worker"]
+        trials = [r for r in runs if "trial_number" in r.data.tags]
+        assert len(parents) == 2
+        for parent in parents:  # both workers contributed
+            children = [r for r in trials
+                        if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+            assert len(children) == 3
+        assert sorted(int(r.data.tags["trial_number"]) for r in trials) == numbers
+        baselines = [r.data.tags["baseline_reused"] for r in trials]
+        assert baselines.count("False") == 1  # the lock let one worker train it
+        mlflow.set_tracking_uri("sqlite://")  # let go of the server before it stops
+
+
+def test_killed_worker_trial_is_retried_and_its_runs_closed(tmp_path):
+    overrides = [
+        f"paths.root={tmp_path}", *SEARCH, "search.n_trials=2", "search.heartbeat_seconds=1",
+        "search.grace_seconds=2", "search.study_name=faults",
+        "+search.space={rate: {path: prune.rate, low: 0.3, high: 0.3}, "
+        "method: {path: prune, choices: [flat]}, "
+        "finetune_epochs: {path: prune.finetune_epochs, choices: [1, 60]}}",
+    ]
+    cfg = compose_config(overrides)
+    study = make_study(search_settings_from(cfg))
+    study.enqueue_trial({"rate": 0.3, "method": "flat", "finetune_epochs": 1})
+    study.enqueue_trial({"rate": 0.3, "method": "flat", "finetune_epochs": 60})
+    worker = start("src.search", *overrides)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until trial 1 (the long one) is running
+        trials = study.get_trials(deepcopy=False)
+        if len(trials) == 2 and trials[1].state == TrialState.RUNNING:
+            break
+        time.sleep(0.5)
+    time.sleep(3)  # well inside its fine-tuning
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=30)
+    first_value = study.trials[0].value
+    assert study.trials[0].state == TrialState.COMPLETE
+    assert [r.info.status for r in runs_of(cfg)].count("RUNNING") == 2  # trial 1 and parent
+
+    time.sleep(3)  # past the grace period: the heartbeat is stale
+    finish(start("src.search", *overrides))
+    trials = study.get_trials(deepcopy=False)
+    assert trials[0].state == TrialState.COMPLETE and trials[0].value == first_value
+    assert trials[1].state == TrialState.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    runs = runs_of(cfg)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert {r.data.tags.get("trial_number", "parent") for r in killed} == {"1", "parent"}
+    assert all(r.data.tags["closed_because"] == "its search worker died" for r in killed)
+
+
+def test_failure_rate_cap_stops_a_search_that_fails_everything(tmp_path):
+    overrides = [
+        f"paths.root={tmp_path}", *SEARCH, "search.n_trials=10", "search.failure_rate_min_trials=2",
+        "+search.space={rate: {path: prune.rate, low: 0.5, high: 0.6}, "
+        "method: {path: prune, choices: [flat]}, "
+        "min_density: {path: prune.min_density, low: 0.9, high: 0.9}}",
+    ]
+    worker = start("src.search", *overrides)
+    output, _ = worker.communicate(timeout=300)
+    assert worker.returncode == 1
+    assert "error: search.max_failure_rate: 2 of 2 trials failed (last: ConfigError: " \
+           "prune.min_density" in output
+    study = optuna.load_study(study_name="accuracy_per_mb",
+                              storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert len(study.trials) == 2
+    trial_runs = [r for r in runs_of(compose_config(overrides)) if "trial_number" in r.data.tags]
+    assert all(r.data.tags["failure_reason"].startswith("ConfigError") for r in trial_runs)
+
+
+def test_nan_loss_fails_the_trial_with_its_reason(make_cfg):
+    from src.run import run
+
+    cfg = make_cfg("prune=flat", "prune.finetune_epochs=2", "prune.finetune_lr=1e30")
+    with pytest.raises(FloatingPointError, match="training loss became"):
+        run(cfg)
+    (failed,) = [r for r in runs_of(cfg) if r.info.status == "FAILED"]
+    assert failed.data.tags["failure_reason"].startswith("FloatingPointError")
+
+
+def test_ctrl_c_ends_the_run_as_killed(tmp_path):
+    overrides = [f"paths.root={tmp_path}", *TINY["data"], *TINY["model"], "train.verbose=2",
+                 "train.batch_size=32", "train.epochs=300"]
+    process = start("src.run", *overrides)
+    deadline = time.time() + 120
+    for line in process.stdout:  # wait for training to be under way
+        if line.startswith("Epoch 3/") or time.time() > deadline:
+            break
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output[-2000:]
+    assert "interrupted: the MLflow run ended as KILLED" in output
+    (killed,) = runs_of(compose_config(overrides))
+    assert killed.info.status == "KILLED"
+
+
+def test_unreachable_database_fails_fast(tmp_path):
+    cfg = compose_config([f"paths.root={tmp_path}", "search=accuracy_per_mb",
+                          "search.storage=postgresql://nobody@127.0.0.1:9/optuna"])
+    started = time.time()
+    with pytest.raises(ConfigError, match=r"^search.storage: cannot open postgresql://"):
+        make_study(search_settings_from(cfg))
+    assert time.time() - started < 15
