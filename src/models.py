@@ -87,7 +87,7 @@ def _inverted_residual(x, expansion: int, channels: int, stride: int, momentum: 
 def _resnet8(cfg: ModelConfig, inputs, scaled, num_classes: int) -> keras.Model:
     """Returns ResNet-8 as in the MLPerf Tiny image-classification benchmark."""
     momentum = cfg.bn_momentum or 0.99
-    f1, f2, f3 = cfg.filters
+    f1, f2, f3 = (max(1, round(f * cfg.alpha)) for f in cfg.filters)  # alpha: width multiplier
 
     def conv_bn(x, filters: int, stride: int, name: str, relu: bool = True):
         x = layers.Conv2D(filters, 3, strides=stride, padding="same",

@@ -209,7 +209,8 @@ def _alive(pid: int) -> bool:
 def _trial(trial: optuna.Trial, search: SearchConfig, compose: Composer) -> list[float]:
     overrides = sample_overrides(trial, search.space)
     trial.set_user_attr("overrides", overrides)
-    tags = {"study_name": search.study_name, "trial_number": str(trial.number)}
+    tags = {"study_name": search.study_name, "trial_number": str(trial.number),
+            **{f"trial.{name}": str(value) for name, value in trial.params.items()}}
     single = len(search.objectives) == 1
     try:
         metrics = run(compose(overrides), callbacks=[ReportEpochs(trial)] if single else [],
