@@ -38,6 +38,7 @@ class Baseline:
     history: dict
     test_accuracy: float
     train_seconds: float
+    evaluate_seconds: float
 
 
 def baseline_key(data: Dataset, data_cfg: DataConfig, model_cfg: ModelConfig,
@@ -76,11 +77,13 @@ def _train_and_store(entry: Path, key: str, data: Dataset, model_cfg: ModelConfi
                   warmup_epochs=train_cfg.warmup_epochs, callbacks=callbacks)
     seconds = time.perf_counter() - start
     accuracy = evaluate(model, data.x_test, data.y_test)
+    evaluate_seconds = time.perf_counter() - start - seconds
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
     try:
         model.save(staging / MODEL_FILE, include_optimizer=False)
         meta = {"key": key, "test_accuracy": accuracy, "train_seconds": seconds,
+                "evaluate_seconds": evaluate_seconds,
                 "history": history, "sha256": _sha256(staging / MODEL_FILE)}
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
         if entry.exists():
@@ -88,7 +91,7 @@ def _train_and_store(entry: Path, key: str, data: Dataset, model_cfg: ModelConfi
         staging.rename(entry)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return Baseline(model, key, False, history, accuracy, seconds)
+    return Baseline(model, key, False, history, accuracy, seconds, evaluate_seconds)
 
 
 def _load(entry: Path, key: str) -> Baseline | None:
@@ -101,7 +104,7 @@ def _load(entry: Path, key: str) -> Baseline | None:
     except (OSError, ValueError, KeyError):
         return None
     return Baseline(model, key, True, meta["history"], meta["test_accuracy"],
-                    meta["train_seconds"])
+                    meta["train_seconds"], meta["evaluate_seconds"])
 
 
 def _sha256(path: Path) -> str:

@@ -64,13 +64,21 @@ def load(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
     x_train, y_train, x_test, y_test = arrays
     if x_train.shape[1] != cfg.image_size:
         x_train, x_test = (resize(x, cfg.image_size) for x in (x_train, x_test))
-    x_train, y_train = x_train[: cfg.limit_train], y_train[: cfg.limit_train]
-    x_test, y_test = x_test[: cfg.limit_test], y_test[: cfg.limit_test]
+    x_train, y_train = subsample(x_train, y_train, cfg.limit_train)
+    x_test, y_test = subsample(x_test, y_test, cfg.limit_test)
     (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train, cfg.val_fraction)
     digest = hashlib.sha256(
         f"{source}|{cfg.image_size}|{cfg.val_fraction}|{cfg.limit_train}|{cfg.limit_test}".encode()
     ).hexdigest()[:16]
     return Dataset(x_train, y_train, x_val, y_val, x_test, y_test, classes, digest)
+
+
+def subsample(x: np.ndarray, y: np.ndarray, limit: int | None, seed: int = 0):
+    """Returns a fixed random subset of `limit` examples (files are often sorted by class)."""
+    if limit is None or limit >= len(x):
+        return x, y
+    keep = np.sort(np.random.default_rng(seed).permutation(len(x))[:limit])
+    return x[keep], y[keep]
 
 
 def split_validation(

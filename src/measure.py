@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 import zipfile
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,3 +105,28 @@ def tflite_weight_sparsity(flatbuffer: bytes) -> float:
             total += values.size
             zeros += int(np.count_nonzero(values == zero))
     return zeros / total if total else 0.0
+
+
+class Stopwatch:
+    """Adds up wall time per phase (train, evaluate, export) and for the whole run."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.phases: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - start)
+
+    def add(self, phase: str, seconds: float) -> None:
+        """Counts seconds spent elsewhere (e.g. a baseline trained inside the cache) to phase."""
+        self.phases[phase] += seconds
+
+    def totals(self) -> dict[str, float]:
+        """Returns seconds per phase (train, evaluate, export) and 'run' since creation."""
+        return {"train": 0.0, "evaluate": 0.0, **self.phases,
+                "run": time.perf_counter() - self.started}

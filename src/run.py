@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +30,7 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
 
     callbacks go to fine-tuning (the search uses them to report and stop early trials).
     """
-    started = time.perf_counter()
+    clock = measure.Stopwatch()
     settings = settings_from(cfg)  # bad settings fail here, before data or training
     dataset = data.load(settings.data, settings.paths.cache_dir)
     keras.backend.clear_session()
@@ -51,64 +50,63 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     }
     with tracking.tracked_run(settings.tracking, tags, nested=nested) as active:
         tracking.log_params(tracking.flatten(resolved))
-        tracking.log_params({"prune.layer_types_effective": ",".join(settings.prune.layer_types)
-                             if settings.prune.method != "none" else ""})
         base = baseline.load_or_train(key, settings.paths.cache_dir, dataset, settings.model,
                                       settings.train)
+        if not base.reused:
+            clock.add("train", base.train_seconds)
+            clock.add("evaluate", base.evaluate_seconds)
         tracking.set_tags({"baseline_reused": base.reused})
         tracking.log_history("baseline", base.history)
-        pruned_at = time.perf_counter()
-        result = prune(base.model, settings.prune, dataset, settings.train, callbacks)
+        with clock("train"):  # masks or tfmot wrappers, and fine-tuning when configured
+            result = prune(base.model, settings.prune, dataset, settings.train, callbacks)
         tracking.log_history("finetune", result.history)
         tracking.log_params({f"prune.{k}": v for k, v in result.schedule_steps.items()})
-        prune_seconds = time.perf_counter() - pruned_at
         out_dir = Path(settings.paths.output_dir) / "exports" / active.info.run_id
-        metrics, files = export_and_measure(result.model, settings, dataset, out_dir)
+        metrics, files = export_and_measure(result.model, settings, dataset, out_dir, clock)
         (out_dir / "config.yaml").write_text(config_yaml)
-        metrics.update({
-            "baseline_test_accuracy": base.test_accuracy,
-            "baseline_train_seconds": base.train_seconds if not base.reused else 0.0,
-            "prune_seconds": prune_seconds,
-        })
-        metrics["run_seconds"] = time.perf_counter() - started
+        metrics["baseline_test_accuracy"] = base.test_accuracy
+        metrics.update({f"{phase}_seconds": seconds for phase, seconds in clock.totals().items()})
         tracking.log_metrics(metrics)
         tracking.log_artifacts([*files, out_dir / "config.yaml"])
     return metrics
 
 
 def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dataset,
-                       out_dir: Path) -> tuple[dict[str, float], list[Path]]:
+                       out_dir: Path, clock: measure.Stopwatch,
+                       ) -> tuple[dict[str, float], list[Path]]:
     """Returns the accuracy, sparsity and size metrics, and the files to upload."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    test_accuracy = evaluate(model, dataset.x_test, dataset.y_test)
-    rows = measure.layer_sparsity(model, settings.prune.layer_types
-                                  if settings.prune.method != "none" else ())
-    if settings.prune.method == "none":
-        rows = measure.layer_sparsity(model, measure.KERNEL_ATTRIBUTE)
+    keras_file, tflite_file = out_dir / "model.h5", out_dir / "model.tflite"
     table = out_dir / "sparsity_per_layer.csv"
-    table.write_text(measure.sparsity_table(rows))
-    keras_file = out_dir / "model.h5"
-    model.save(keras_file, include_optimizer=False)
-    tflite_file = out_dir / "model.tflite"
-    flatbuffer = quantize.to_tflite(model, settings.quant, dataset.x_train)
-    tflite_file.write_bytes(flatbuffer)
-    export_seconds = time.perf_counter() - started
-    tflite_accuracy = quantize.evaluate_tflite(flatbuffer, dataset.x_test, dataset.y_test)
-    tflite_zip_bytes = measure.zip_file(tflite_file).stat().st_size
+    with clock("evaluate"):
+        test_accuracy = evaluate(model, dataset.x_test, dataset.y_test)
+    with clock("export"):
+        pruned_types = settings.prune.layer_types if settings.prune.method != "none" \
+            else tuple(measure.KERNEL_ATTRIBUTE)
+        rows = measure.layer_sparsity(model, pruned_types)
+        table.write_text(measure.sparsity_table(rows))
+        model.save(keras_file, include_optimizer=False)
+        flatbuffer = quantize.to_tflite(model, settings.quant, dataset.x_train)
+        tflite_file.write_bytes(flatbuffer)
+        sizes = {
+            "model_bytes": keras_file.stat().st_size,
+            "model_zip_bytes": measure.zip_file(keras_file).stat().st_size,
+            "tflite_bytes": tflite_file.stat().st_size,
+            "tflite_zip_bytes": measure.zip_file(tflite_file).stat().st_size,
+        }
+        sparsity = {
+            "sparsity_global": measure.global_sparsity(rows),
+            "sparsity_all_params": measure.parameter_sparsity(model),
+            "tflite_sparsity": measure.tflite_weight_sparsity(flatbuffer),
+        }
+    with clock("evaluate"):
+        tflite_accuracy = quantize.evaluate_tflite(flatbuffer, dataset.x_test, dataset.y_test)
     metrics = {
         "test_accuracy": test_accuracy,
         "tflite_accuracy": tflite_accuracy,
-        "sparsity_global": measure.global_sparsity(rows),
-        "sparsity_all_params": measure.parameter_sparsity(model),
-        "tflite_sparsity": measure.tflite_weight_sparsity(flatbuffer),
-        "model_bytes": keras_file.stat().st_size,
-        "model_zip_bytes": measure.zip_file(keras_file).stat().st_size,
-        "tflite_bytes": tflite_file.stat().st_size,
-        "tflite_zip_bytes": tflite_zip_bytes,
-        "accuracy_per_mb": tflite_accuracy / (tflite_zip_bytes / measure.MB),
-        "export_seconds": export_seconds,
-        "evaluate_seconds": time.perf_counter() - started - export_seconds,
+        **sparsity,
+        **sizes,
+        "accuracy_per_mb": tflite_accuracy / (sizes["tflite_zip_bytes"] / measure.MB),
     }
     return metrics, [tflite_file, table]
 

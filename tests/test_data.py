@@ -165,3 +165,11 @@ def test_archive_members_landing_outside_are_refused(tmp_path, member):
             tar.addfile(info, io.BytesIO(b"bad"))
     with pytest.raises(DataError, match=r"^data\.path: .*bad.tar has an unsafe member refused"):
         data.load(cfg(archive, name="image_folder"), tmp_path)
+
+
+def test_limits_take_a_subset_of_every_class(tmp_path):
+    folder = write_image_folder(tmp_path / "pets", classes=("a", "b", "c"), per_class=10)
+    ds = data.load(cfg(folder, name="image_folder", val_fraction=0.0, limit_train=12,
+                       limit_test=9), tmp_path / "cache")
+    assert len(ds.y_train) == 12 and len(ds.y_test) == 9
+    assert set(ds.y_train.tolist()) == {0, 1, 2}  # not the first 12 files of a sorted folder

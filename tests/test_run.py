@@ -57,7 +57,10 @@ def test_second_run_reuses_the_cached_baseline(make_cfg, monkeypatch):
     assert newest.data.tags["baseline_reused"] == "True"
     assert first.data.tags["baseline_reused"] == "False"
     assert newest.data.tags["baseline_key"] == first.data.tags["baseline_key"]
-    assert newest.data.metrics["baseline_train_seconds"] == 0.0
+    assert newest.data.metrics["train_seconds"] < first.data.metrics["train_seconds"]
+    for metrics in (newest.data.metrics, first.data.metrics):
+        phases = sum(metrics[f"{p}_seconds"] for p in ("train", "evaluate", "export"))
+        assert 0 < phases < metrics["run_seconds"]
 
 
 def test_corrupt_baseline_cache_is_rebuilt(make_cfg):
