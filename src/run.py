@@ -112,14 +112,16 @@ def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dat
 
 
 def sweep_tags() -> dict[str, str]:
-    """Returns the sweep id and job number when Hydra runs this job as part of --multirun."""
+    """Returns the job's command line, and its sweep id and number under --multirun."""
     if not HydraConfig.initialized():
         return {}
     hydra_cfg = HydraConfig.get()
+    # The command that reproduces this very job (one point of a sweep, as a single run).
+    tags = {"command": " ".join(["python -m src.run", *hydra_cfg.overrides.task])}
     if hydra_cfg.mode != RunMode.MULTIRUN:
-        return {}
+        return tags
     sweep_dir = Path(hydra_cfg.sweep.dir)
-    return {"sweep_id": f"{sweep_dir.parent.name}_{sweep_dir.name}",
+    return {**tags, "sweep_id": f"{sweep_dir.parent.name}_{sweep_dir.name}",
             "sweep_job": str(hydra_cfg.job.num)}
 
 

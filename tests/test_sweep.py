@@ -38,6 +38,8 @@ def test_multirun_shares_one_baseline(sweep_root):
     assert [r.data.tags["baseline_reused"] for r in runs].count("False") == 1
     assert len({r.data.tags["sweep_id"] for r in runs}) == 1
     assert sorted(r.data.tags["sweep_job"] for r in runs) == ["0", "1", "2", "3"]
+    assert all(r.data.tags["command"].startswith("python -m src.run ") for r in runs)
+    assert any("prune=layer prune.rate=0.6" in r.data.tags["command"] for r in runs)
     combos = {(r.data.params["prune.method"], r.data.params["prune.rate"]) for r in runs}
     assert combos == {(m, r) for m in ("flat", "layer") for r in ("0.3", "0.6")}
 

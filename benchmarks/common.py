@@ -1,0 +1,52 @@
+"""Shared helpers for the benchmarks: where the data is, how to run the CLI and time it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import mlflow
+
+from src.config import PROJECT_ROOT
+
+CIFAR_JPG = PROJECT_ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+
+
+def data_overrides(limit_train: int | None) -> list[str]:
+    """Returns overrides for CIFAR-10 (JPEG q75 copy) when present, else synthetic data."""
+    if CIFAR_JPG.exists():
+        limit = [f"data.limit_train={limit_train}"] if limit_train else []
+        return [f"data.path={CIFAR_JPG}", *limit]
+    return ["data=synthetic", "data.n_train=4000", "data.n_test=1000"]
+
+
+def data_label() -> str:
+    """Returns how to name the data next to every number."""
+    found = CIFAR_JPG.exists()
+    return "CIFAR-10 (JPEG q75 copy)" if found else "synthetic data (no CIFAR-10 found)"
+
+
+def timed_cli(module: str, *overrides: str) -> float:
+    """Runs `python -m module overrides...` and returns its wall time in seconds."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", module, *overrides], cwd=PROJECT_ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return time.perf_counter() - started
+
+
+def runs(root: Path, experiment: str = "prunesweep") -> list[mlflow.entities.Run]:
+    """Returns the runs of an experiment in the MLflow store under root/mlruns."""
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def machine() -> str:
+    """Returns the machine line printed with every result."""
+    return (f"{date.today()} on {platform.machine()} with {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}")
