@@ -42,6 +42,7 @@ def study(root: Path, name: str, rule: str, args: argparse.Namespace) -> optuna.
 
 
 def main() -> None:
+    """Runs both studies and prints the comparison."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--finetune-epochs", type=int, default=4)

@@ -22,6 +22,8 @@ from src.train import compile_model, input_pipeline
 
 
 class EpochClock(keras.callbacks.Callback):
+    """Records each epoch's wall time."""
+
     def on_epoch_begin(self, epoch, logs=None):
         self.start = time.perf_counter()
 
@@ -40,6 +42,7 @@ def images_per_second(fit, n: int, epochs: int) -> float:
 
 
 def main() -> None:
+    """Times each pipeline and prints images/s."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--epochs", type=int, default=3)

@@ -18,6 +18,7 @@ from benchmarks.common import data_label, data_overrides, machine, runs, timed_c
 
 
 def main() -> None:
+    """Times one standard run and prints where the time went."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--limit-train", type=int, default=0, help="0 = all training images")

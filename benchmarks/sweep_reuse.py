@@ -18,6 +18,7 @@ RATES = [round(0.1 * i, 1) for i in range(1, 10)]
 
 
 def main() -> None:
+    """Times the shared-baseline sweep and the same jobs alone."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--limit-train", type=int, default=20000)

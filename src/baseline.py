@@ -18,13 +18,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from src import data as data_module
+from src import models as models_module
+from src import train as train_module
 from src.config import DataConfig, ModelConfig, TrainConfig
 from src.data import Dataset
-from src.keras_env import keras
+from src.keras_env import keras, tf
 from src.models import build
 from src.train import evaluate, fit
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 MODEL_FILE = "model.h5"
 
 
@@ -48,8 +51,16 @@ def baseline_key(data: Dataset, data_cfg: DataConfig, model_cfg: ModelConfig,
     train.pop("verbose")
     data_part = {k: v for k, v in asdict(data_cfg).items() if k != "path"}
     content = {"version": CACHE_VERSION, "data_fingerprint": data.fingerprint, "data": data_part,
-               "model": asdict(model_cfg), "train": train}
+               "model": asdict(model_cfg), "train": train, "code": _code_fingerprint()}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _code_fingerprint() -> str:
+    """Returns a digest of the code and libraries that shape trained weights."""
+    digest = hashlib.sha256(f"{tf.__version__}|{keras.__version__}".encode())
+    for module in (data_module, models_module, train_module):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def load_or_train(key: str, cache_dir: str | Path, data: Dataset, model_cfg: ModelConfig,

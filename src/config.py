@@ -51,6 +51,8 @@ def _check_fraction(value: float, key: str, high_open: bool = False) -> None:
 # ----------------------------------------------------------------------------- data
 @dataclass
 class DataConfig:
+    """Where the images come from and how they are split."""
+
     name: str
     path: str | None = None
     image_size: int = 32
@@ -84,6 +86,8 @@ class DataConfig:
 # ---------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
+    """Which network to build and its width and strides."""
+
     name: str
     input_size: int = 32
     alpha: float = 1.0
@@ -113,12 +117,16 @@ class ModelConfig:
 # ---------------------------------------------------------------------------- train
 @dataclass
 class AugmentConfig:
+    """Training augmentation: padded random crop and horizontal flip."""
+
     crop_padding: int = 4
     flip: bool = True
 
 
 @dataclass
 class TrainConfig:
+    """The dense baseline's training recipe (also used for fine-tuning)."""
+
     epochs: int = 30
     batch_size: int = 128
     optimizer: str = "sgd"
@@ -151,6 +159,8 @@ class TrainConfig:
 # ---------------------------------------------------------------------------- prune
 @dataclass
 class PruneConfig:
+    """Weight pruning: method, target and fine-tuning."""
+
     method: str = "none"
     rate: float = 0.0
     min_density: float = 0.0
@@ -210,6 +220,8 @@ class PruneConfig:
 # ---------------------------------------------------------------------------- quant
 @dataclass
 class QuantConfig:
+    """Post-training quantization of the TFLite export."""
+
     mode: str = "none"
     representative_samples: int = 256
     integer_io: bool = False
@@ -223,6 +235,8 @@ class QuantConfig:
 # ------------------------------------------------------------------ tracking, paths
 @dataclass
 class TrackingConfig:
+    """Where MLflow records runs."""
+
     uri: str
     artifact_location: str | None = None
     experiment: str = "prunesweep"
@@ -235,6 +249,8 @@ class TrackingConfig:
 
 @dataclass
 class PathsConfig:
+    """Folders the project writes to."""
+
     root: str
     mlruns_dir: str
     cache_dir: str
@@ -290,7 +306,14 @@ def settings_from(cfg: DictConfig) -> Settings:
         full_key = getattr(error, "full_key", None) or "config"
         raise ConfigError(f"{full_key}: {str(error).splitlines()[0]}") from None
     parts = {name: _typed(resolved.get(name), schema, name) for name, schema in groups.items()}
-    return Settings(**parts, objective=resolved.get("objective", "accuracy_per_mb"))
+    settings = Settings(**parts, objective=resolved.get("objective", "accuracy_per_mb"))
+    prune, model = settings.prune, settings.model
+    _check(prune.method == "none" or model.name != "resnet8"
+           or set(prune.layer_types) - {"DepthwiseConv2D"}, "prune.layer_types",
+           "resnet8 has no DepthwiseConv2D layers; add Conv2D or Dense")
+    _check(settings.data.image_size == model.input_size, "data.image_size",
+           f"{settings.data.image_size} differs from model.input_size {model.input_size}")
+    return settings
 
 
 # --------------------------------------------------------------------------- search
@@ -326,6 +349,8 @@ class EarlyStopConfig:
 
 @dataclass
 class SearchConfig:
+    """An Optuna study: objectives, space, storage, budget and faults."""
+
     study_name: str
     storage: str
     objectives: list[str] = field(default_factory=lambda: ["accuracy_per_mb"])
@@ -345,9 +370,9 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.study_name), "search.study_name", "must not be empty")
-        _check(self.storage.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql"),
-               "search.storage", f"unsupported URL scheme in {self.storage!r}; use sqlite:///..., "
-               "postgresql://... or mysql://...")
+        _check(self.storage.split(":", 1)[0] in ("sqlite", "postgresql", "postgresql+psycopg"),
+               "search.storage", f"unsupported URL scheme in {self.storage!r}; use sqlite:///... "
+               "or postgresql://...")
         _check(len(self.objectives) in (1, 2), "search.objectives", "give one or two metrics")
         for name in self.objectives:
             _check(name in OBJECTIVES, "search.objectives",

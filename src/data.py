@@ -89,7 +89,8 @@ def split_validation(
     val_idx = []
     for label in np.unique(y):
         members = np.flatnonzero(y == label)
-        val_idx.extend(rng.permutation(members)[: int(round(len(members) * fraction))])
+        take = min(int(round(len(members) * fraction)), len(members) - 1)  # keep one to train
+        val_idx.extend(rng.permutation(members)[:take])
     is_val = np.zeros(len(y), dtype=bool)
     is_val[val_idx] = True
     return (x[~is_val], y[~is_val]), (x[is_val], y[is_val])

@@ -141,6 +141,9 @@ class _ByLayerType(tfmot.sparsity.keras.PruningPolicy):
 
 def tfmot_schedule_steps(cfg: PruneConfig, total_steps: int) -> dict:
     """Returns begin/end/frequency in steps, aligned so the final mask update happens."""
+    if total_steps < 2:
+        raise ConfigError(f"prune.finetune_epochs: tfmot needs at least 2 fine-tuning steps, "
+                          f"got {total_steps}; add epochs or data")
     begin = min(int(cfg.begin * total_steps), max(total_steps - 1, 0))
     end = min(max(int(cfg.end * total_steps), begin + 1), max(total_steps - 1, begin))
     frequency = max(1, min(cfg.frequency, end - begin)) if end > begin else 1

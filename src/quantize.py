@@ -19,7 +19,10 @@ def to_tflite(model: keras.Model, cfg: QuantConfig, calibration: np.ndarray) -> 
     if cfg.mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
     if cfg.mode == "int8":
-        samples = calibration[: cfg.representative_samples].astype(np.float32)
+        # A fixed random subset: image-folder data is sorted by class.
+        picked = np.random.default_rng(0).permutation(len(calibration))[
+            : cfg.representative_samples]
+        samples = calibration[np.sort(picked)].astype(np.float32)
 
         def representative() -> Iterator[list[np.ndarray]]:
             for image in samples:

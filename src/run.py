@@ -38,6 +38,7 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     key = baseline.baseline_key(dataset, settings.data, settings.model, settings.train)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("search", None)  # the search that chose these settings is logged by its worker
+    resolved["tracking"]["uri"] = tracking.safe_url(resolved["tracking"]["uri"])
     config_yaml = OmegaConf.to_yaml(resolved)
     tags = {
         "git_commit": tracking.git_commit(),
@@ -60,7 +61,8 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         with clock("train"):  # masks or tfmot wrappers, and fine-tuning when configured
             result = prune(base.model, settings.prune, dataset, settings.train, callbacks)
         tracking.log_history("finetune", result.history)
-        tracking.log_params({f"prune.{k}": v for k, v in result.schedule_steps.items()})
+        # The schedule in steps, as tfmot ran it (frequency may be clamped to the steps there are).
+        tracking.log_params({f"prune_steps.{k}": v for k, v in result.schedule_steps.items()})
         out_dir = Path(settings.paths.output_dir) / "exports" / active.info.run_id
         metrics, files = export_and_measure(result.model, settings, dataset, out_dir, clock)
         (out_dir / "config.yaml").write_text(config_yaml)

@@ -89,7 +89,7 @@ def make_study(search: SearchConfig) -> optuna.Study:
             sampler=samplers[search.sampler](), pruner=_trial_stopper(search),
             directions=search.directions, load_if_exists=True,
         )
-    except sqlalchemy.exc.SQLAlchemyError as error:
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:
         reason = str(getattr(error, "orig", error)).splitlines()[0]
         raise ConfigError(f"search.storage: cannot open {tracking.safe_url(search.storage)} "
                           f"({reason})") from None
@@ -136,6 +136,9 @@ def run_search(cfg: DictConfig, compose: Composer) -> optuna.Study:
     """Runs search.n_trials trials (or until search.timeout) and returns the study."""
     search = search_settings_from(cfg)
     base = settings_from(cfg)  # the untouched settings must be valid too
+    if search.early_stop.rule != "none" and base.data.val_fraction == 0:
+        raise ConfigError("search.early_stop.rule: trial early stopping judges validation "
+                          "accuracy; set data.val_fraction > 0 or the rule to none")
     study = make_study(search)
     if search.heartbeat_seconds:
         optuna.storages.fail_stale_trials(study)  # trials of workers that died, retried
@@ -148,7 +151,9 @@ def run_search(cfg: DictConfig, compose: Composer) -> optuna.Study:
                              "search.storage": tracking.safe_url(search.storage),
                              "search.n_trials": search.n_trials, "search.seed": search.seed})
         study.optimize(lambda trial: _trial(trial, search, compose), n_trials=search.n_trials,
-                       timeout=search.timeout, catch=(Exception,), callbacks=[_progress, cap])
+                       timeout=search.timeout, catch=(Exception,),
+                       # Optuna fails stale trials before each new one: close their runs too.
+                       callbacks=[_progress, cap, lambda s, _: close_orphan_runs(s, base)])
         if cap.tripped:
             raise SearchAborted(cap.tripped)
     return study
@@ -180,16 +185,21 @@ def close_orphan_runs(study: optuna.Study, base: Settings) -> list[str]:
     """Ends as KILLED the MLflow runs left RUNNING by workers that died; returns their ids.
 
     A trial run is orphaned when its Optuna trial is no longer running; a worker's parent run
-    when its process is gone from this host (workers on other hosts close their own).
+    when its process is gone from this host (workers on other hosts close their own). Runs
+    at worker start and after every trial.
     """
+    running = tracking.running_runs(base.tracking, {"study_name": study.study_name})
+    # States after runs: a trial started in between is then known, and still RUNNING.
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     closed = []
-    for tracked in tracking.running_runs(base.tracking, {"study_name": study.study_name}):
+    for tracked in running:
         tags = tracked.data.tags
         if "trial_number" in tags:
-            orphan = states.get(int(tags["trial_number"])) != optuna.trial.TrialState.RUNNING
+            state = states.get(int(tags["trial_number"]), optuna.trial.TrialState.RUNNING)
+            orphan = state != optuna.trial.TrialState.RUNNING
         else:
-            orphan = tags.get("host") == socket.gethostname() and not _alive(int(tags["pid"]))
+            orphan = (tags.get("host") == socket.gethostname() and "pid" in tags
+                      and not _alive(int(tags["pid"])))
         if orphan:
             tracking.close_run(tracked.info.run_id, "its search worker died")
             closed.append(tracked.info.run_id)

@@ -22,7 +22,9 @@ def connect(cfg: TrackingConfig) -> str:
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    location = Path(cfg.artifact_location).as_uri() if cfg.artifact_location else None
+    location = cfg.artifact_location
+    if location and "://" not in location:  # a local folder; s3://... and the like pass as is
+        location = Path(location).resolve().as_uri()
     try:
         return mlflow.create_experiment(cfg.experiment, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created meanwhile by another worker
@@ -40,19 +42,28 @@ def tracked_run(cfg: TrackingConfig, tags: Mapping[str, str], run_name: str | No
     experiment_id = connect(cfg)
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run_name,
                            nested=nested, tags={**cfg.tags, **tags})
+    status = RunStatus.FAILED
     try:
         yield run
+        status = RunStatus.FINISHED
     except (KeyboardInterrupt, StoppedEarly) as stop:
-        mlflow.set_tag("stopped_early" if isinstance(stop, StoppedEarly) else "interrupted",
-                       str(stop) or "true")
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        status = RunStatus.KILLED
+        _tag_quietly("stopped_early" if isinstance(stop, StoppedEarly) else "interrupted",
+                     str(stop) or "true")
         raise
     except BaseException as error:
-        mlflow.set_tag("failure_reason", f"{type(error).__name__}: {error}"[:5000])
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        _tag_quietly("failure_reason", f"{type(error).__name__}: {error}"[:5000])
         raise
-    else:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    finally:  # always, so no run stays RUNNING on the active-run stack
+        mlflow.end_run(RunStatus.to_string(status))
+
+
+def _tag_quietly(key: str, value: str) -> None:
+    """Tags the active run; a tracking store that fails here must not hide the first error."""
+    try:
+        mlflow.set_tag(key, value)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def running_runs(cfg: TrackingConfig, tags: Mapping[str, str]) -> list[mlflow.entities.Run]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from src.config import ConfigError, Settings, settings_from
+from src.config import ConfigError, Settings, search_settings_from, settings_from
 
 GROUP_OPTIONS = {
     "data": ["cifar10", "image_folder", "synthetic"],
@@ -14,6 +14,8 @@ GROUP_OPTIONS = {
     "quant": ["none", "dynamic", "int8", "float16"],
     "tracking": ["mlflow"],
     "paths": ["default"],
+    "experiment": ["quick", "reference_oneshot", "reference_tfmot"],
+    "search": ["accuracy_per_mb", "pareto"],
 }
 
 
@@ -30,8 +32,14 @@ def test_group_options_match_conf_folder():
 )
 def test_every_option_composes_and_validates(make_cfg, tmp_path, group, option):
     extra = ["data.path=/some/folder"] if option == "image_folder" else []
-    settings = settings_from(make_cfg(f"{group}={option}", *extra, tiny=False))
+    cfg = make_cfg(f"{group}={option}", *extra, tiny=False)
+    settings = settings_from(cfg)
     assert isinstance(settings, Settings)
+    if group == "search":
+        assert search_settings_from(cfg).study_name == option
+        return
+    if group == "experiment":
+        return  # each is a diff of the defaults; test_*_experiment check the interesting ones
     node = getattr(settings, group)
     if group == "prune":
         assert node.method == option
@@ -77,6 +85,21 @@ def test_quick_experiment_is_a_diff_of_the_defaults(make_cfg):
 def test_bad_values_fail_naming_the_key(make_cfg, overrides, key):
     with pytest.raises(ConfigError, match=rf"^{key}:"):
         settings_from(make_cfg(*overrides))
+
+
+def test_reference_experiments_use_the_stock_model(make_cfg):
+    oneshot = settings_from(make_cfg("experiment=reference_oneshot", tiny=False))
+    tfmot = settings_from(make_cfg("experiment=reference_tfmot", tiny=False))
+    assert oneshot.model.name == tfmot.model.name == "mobilenetv2"
+    assert (tfmot.prune.initial_sparsity, tfmot.prune.final_sparsity) == (0.5, 0.9)
+    assert tfmot.quant.mode == "int8"
+
+
+def test_cross_group_checks(make_cfg):
+    with pytest.raises(ConfigError, match="^prune.layer_types: resnet8 has no DepthwiseConv2D"):
+        settings_from(make_cfg("prune=flat", "prune.layer_types=[DepthwiseConv2D]"))
+    with pytest.raises(ConfigError, match="^data.image_size: 24 differs"):
+        settings_from(make_cfg("data.image_size=24"))
 
 
 def test_missing_required_path_names_the_key(make_cfg):

@@ -62,6 +62,12 @@ def test_synthetic_splits_and_is_deterministic(tmp_path):
     assert np.array_equal(a.x_train, b.x_train) and a.fingerprint == b.fingerprint
 
 
+def test_validation_split_leaves_every_class_in_training():
+    y = np.array([0] * 10 + [1])
+    (x_train, y_train), (_, y_val) = data.split_validation(np.zeros((11, 2)), y, 0.6)
+    assert set(y_train.tolist()) == {0, 1} and len(y_val) == 6
+
+
 def test_official_cifar_archive_and_extracted_folder(tmp_path):
     archive = write_official_cifar(tmp_path / "cifar-10-python.tar.gz")
     from_tar = data.load(cfg(archive, val_fraction=0.0), tmp_path / "cache")

@@ -60,6 +60,15 @@ def test_tfmot_schedule_is_aligned_to_reach_final_step():
     assert steps["end_step"] <= 80
 
 
+def test_tfmot_refuses_a_schedule_without_steps():
+    from src.config import PruneConfig
+
+    cfg = PruneConfig(method="tfmot", final_sparsity=0.8, finetune_epochs=1,
+                      layer_types=["Conv2D", "Dense"])
+    with pytest.raises(ConfigError, match="^prune.finetune_epochs: tfmot needs at least 2"):
+        tfmot_schedule_steps(cfg, 1)
+
+
 def pruned_model(make_cfg, *overrides):
     settings = settings_from(make_cfg(*overrides))
     ds = data.load(settings.data, settings.paths.cache_dir)

@@ -101,12 +101,15 @@ def test_every_model_runs(make_cfg, model):
 
 
 def test_tfmot_run_logs_schedule_and_curves(make_cfg):
-    cfg = make_cfg("prune=tfmot", "prune.final_sparsity=0.6", "prune.frequency=1",
-                   "prune.finetune_epochs=2")
+    # The default frequency (100 steps) is more than these 10 steps: it is clamped, and both
+    # the configured and the effective value are logged.
+    cfg = make_cfg("prune=tfmot", "prune.final_sparsity=0.6", "prune.finetune_epochs=2")
     metrics = run(cfg)
     assert abs(metrics["sparsity_global"] - 0.6) < 0.01
     tracked = runs_of(cfg)[0]
-    assert int(tracked.data.params["prune.end_step"]) > 0
+    assert tracked.data.params["prune.frequency"] == "100"
+    assert int(tracked.data.params["prune_steps.frequency"]) < 10
+    assert int(tracked.data.params["prune_steps.end_step"]) > 0
     assert "finetune_val_accuracy" in tracked.data.metrics
 
 
