@@ -29,6 +29,7 @@ def _as_postgres(args: list[str]) -> list[str]:
 @contextmanager
 def server(databases: tuple[str, ...] = ("optuna", "mlflow")) -> Iterator[str]:
     """Yields 'postgresql://postgres@127.0.0.1:PORT' with the databases created; stops after."""
+    # Not pytest's tmp_path: its parents are private to root, and the server runs as postgres.
     data_dir = tempfile.mkdtemp(prefix="prunesweep-pg-")
     if os.geteuid() == 0:
         shutil.chown(data_dir, "postgres", "postgres")
