@@ -126,3 +126,15 @@ def test_reusing_a_study_name_with_other_objectives_is_refused(tmp_path):
     other, _ = search_cfg(tmp_path, "search=pareto", "search.study_name=accuracy_per_mb")
     with pytest.raises(ConfigError, match="^search.study_name: study 'accuracy_per_mb' was"):
         make_study(search_settings_from(other))
+
+
+def test_epoch_estimates_follow_the_objective():
+    from src.keras_env import keras
+    from src.search import epoch_estimate
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, use_bias=False)])
+    model.layers[0].kernel.assign([[1, 0], [0, 2], [0, 0], [3, 0]])  # 3 of 8 weights non-zero
+    assert epoch_estimate("accuracy_per_mb", 0.6, model, 1) == pytest.approx(0.6 / 3e-6)
+    assert epoch_estimate("tflite_zip_bytes", 0.6, model, 4) == 12
+    assert epoch_estimate("sparsity_global", 0.6, model, 1) == pytest.approx(5 / 8)
+    assert epoch_estimate("tflite_accuracy", 0.6, model, 1) == 0.6
