@@ -138,7 +138,7 @@ def open_storage(search: SearchConfig) -> optuna.storages.RDBStorage:
         connect_args = {"timeout": 60}  # wait for another worker's write lock, do not fail
     else:
         connect_args = {"connect_timeout": search.connect_timeout}
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=search.max_retries) \
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=search.max_retries) \
         if search.max_retries else None
     return optuna.storages.RDBStorage(
         url, engine_kwargs={"connect_args": connect_args},
