@@ -28,6 +28,7 @@ from src.config import (
     DimensionConfig,
     SearchConfig,
     Settings,
+    TrackingConfig,
     register_resolvers,
     search_settings_from,
     settings_from,
@@ -177,7 +178,8 @@ def run_search(cfg: DictConfig, compose: Composer) -> optuna.Study:
         tracking.log_params({"search.objectives": ",".join(search.objectives),
                              "search.storage": tracking.safe_url(search.storage),
                              "search.n_trials": search.n_trials, "search.seed": search.seed})
-        study.optimize(lambda trial: _trial(trial, search, compose), n_trials=search.n_trials,
+        study.optimize(lambda trial: _trial(trial, search, compose, base.tracking),
+                       n_trials=search.n_trials,
                        timeout=search.timeout, catch=(Exception,),
                        # Optuna fails stale trials before each new one: close their runs too.
                        callbacks=[_progress, cap, lambda s, _: close_orphan_runs(s, base)])
@@ -243,7 +245,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _trial(trial: optuna.Trial, search: SearchConfig, compose: Composer) -> list[float]:
+def _trial(trial: optuna.Trial, search: SearchConfig, compose: Composer,
+           tracking_cfg: TrackingConfig) -> list[float]:
     overrides = sample_overrides(trial, search.space)
     trial.set_user_attr("overrides", overrides)
     tags = {"study_name": search.study_name, "trial_number": str(trial.number),
@@ -257,7 +260,10 @@ def _trial(trial: optuna.Trial, search: SearchConfig, compose: Composer) -> list
         trial.set_user_attr("early_stop_reason", str(stop))
         raise optuna.TrialPruned(str(stop)) from None
     except Exception as error:
-        trial.set_user_attr("failure_reason", f"{type(error).__name__}: {error}"[:2000])
+        reason = f"{type(error).__name__}: {error}"
+        trial.set_user_attr("failure_reason", reason[:2000])
+        # Settings refused before run() opened its MLflow run still get a FAILED trial run.
+        tracking.record_failure(tracking_cfg, tags, reason)
         raise
     for key in ("tflite_accuracy", "test_accuracy", "tflite_zip_bytes", "accuracy_per_mb",
                 "sparsity_global"):

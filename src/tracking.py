@@ -74,6 +74,17 @@ def running_runs(cfg: TrackingConfig, tags: Mapping[str, str]) -> list[mlflow.en
     return mlflow.search_runs([experiment_id], filter_string=query, output_format="list")
 
 
+def record_failure(cfg: TrackingConfig, tags: Mapping[str, str], reason: str) -> None:
+    """Leaves a FAILED nested run for work refused before its own run started, unless one exists."""
+    experiment_id = connect(cfg)
+    query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items() if "." not in k)
+    if mlflow.search_runs([experiment_id], filter_string=query, output_format="list"):
+        return
+    mlflow.start_run(experiment_id=experiment_id, nested=True,
+                     tags={**cfg.tags, **tags, "failure_reason": reason[:5000]})
+    mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+
+
 def close_run(run_id: str, reason: str) -> None:
     """Ends a run left RUNNING by a dead process as KILLED, saying why."""
     client = mlflow.MlflowClient()

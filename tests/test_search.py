@@ -99,6 +99,8 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
     study = run_search(cfg, composer)
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 2
     assert "prune.rate + prune.min_density" in study.trials[0].user_attrs["failure_reason"]
+    failed = [r for r in trial_runs(cfg) if r.info.status == "FAILED"]
+    assert sorted(int(r.data.tags["trial_number"]) for r in failed) == [0, 1]
 
 
 @pytest.mark.parametrize(

@@ -126,7 +126,10 @@ def test_failure_rate_cap_stops_a_search_that_fails_everything(tmp_path):
                               storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
     assert len(study.trials) == 2
     trial_runs = [r for r in runs_of(compose_config(overrides)) if "trial_number" in r.data.tags]
-    assert all(r.data.tags["failure_reason"].startswith("ConfigError") for r in trial_runs)
+    assert sorted(r.data.tags["trial_number"] for r in trial_runs) == ["0", "1"]
+    for tracked in trial_runs:  # refused before training, yet visible as failed trials
+        assert tracked.info.status == "FAILED"
+        assert tracked.data.tags["failure_reason"].startswith("ConfigError: prune.min_density")
 
 
 def test_nan_loss_fails_the_trial_with_its_reason(make_cfg):
