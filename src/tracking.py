@@ -68,17 +68,19 @@ def _tag_quietly(key: str, value: str) -> None:
 
 def running_runs(cfg: TrackingConfig, tags: Mapping[str, str]) -> list[mlflow.entities.Run]:
     """Returns the experiment's RUNNING runs carrying all the given tags."""
-    experiment_id = connect(cfg)
-    query = " and ".join([f"tags.{k} = '{v}'" for k, v in tags.items()]
-                         + ["attributes.status = 'RUNNING'"])
-    return mlflow.search_runs([experiment_id], filter_string=query, output_format="list")
+    query = f"{_tag_filter(tags)} and attributes.status = 'RUNNING'"
+    return mlflow.search_runs([connect(cfg)], filter_string=query, output_format="list")
+
+
+def _tag_filter(tags: Mapping[str, str]) -> str:
+    """Returns an MLflow filter matching runs with all these tags (dotted keys are skipped)."""
+    return " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items() if "." not in k)
 
 
 def record_failure(cfg: TrackingConfig, tags: Mapping[str, str], reason: str) -> None:
     """Leaves a FAILED nested run for work refused before its own run started, unless one exists."""
     experiment_id = connect(cfg)
-    query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items() if "." not in k)
-    if mlflow.search_runs([experiment_id], filter_string=query, output_format="list"):
+    if mlflow.search_runs([experiment_id], filter_string=_tag_filter(tags), output_format="list"):
         return
     mlflow.start_run(experiment_id=experiment_id, nested=True,
                      tags={**cfg.tags, **tags, "failure_reason": reason[:5000]})
