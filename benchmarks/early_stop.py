@@ -13,10 +13,9 @@ import tempfile
 from pathlib import Path
 
 import optuna
-from hydra import compose, initialize_config_dir
 
 from benchmarks.common import data_label, data_overrides, machine
-from src.config import PROJECT_ROOT, register_resolvers
+from src.config import compose_config
 from src.search import run_search
 
 
@@ -34,11 +33,7 @@ def study(root: Path, name: str, rule: str, args: argparse.Namespace) -> optuna.
             "lr: {path: prune.finetune_lr, low: 1.0e-4, high: 0.3, log: true}, "
             "quant: {path: quant, choices: [int8]}}"]
 
-    def composer(extra: list[str]):
-        with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-            return compose("config", overrides=base + extra)
-
-    return run_search(composer([]), composer)
+    return run_search(compose_config(base), lambda extra: compose_config(base + extra))
 
 
 def main() -> None:
@@ -48,7 +43,6 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--limit-train", type=int, default=5000)
     args = parser.parse_args()
-    register_resolvers()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="bench-early-") as tmp:

@@ -38,6 +38,18 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Returns the project's config composed with overrides, as the command line would.
+
+    For callers outside a running Hydra app (tests, reports, benchmarks).
+    """
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")

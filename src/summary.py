@@ -22,7 +22,7 @@ import optuna
 from matplotlib.figure import Figure
 
 from src import tracking
-from src.config import ConfigError, register_resolvers, search_settings_from, settings_from
+from src.config import ConfigError, compose_config, search_settings_from, settings_from
 
 KB = 1024
 
@@ -214,15 +214,9 @@ def main(argv: list[str] | None = None) -> None:
 def report(what: str, name: str, overrides: list[str], out: Path | None = None,
            ) -> tuple[str, list[Path]]:
     """Builds the report for a study, sweep or run; returns its text and plot files."""
-    from hydra import compose, initialize_config_dir
-
-    from src.config import PROJECT_ROOT
-
-    register_resolvers()
     defaults = ["search=accuracy_per_mb"] if what == "study" and not any(
         o.startswith("search=") for o in overrides) else []
-    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=defaults + overrides)
+    cfg = compose_config(defaults + overrides)
     settings = settings_from(cfg)
     out_dir = out or Path(settings.paths.mlruns_dir) / "reports" / f"{what}-{name}"
     tracking.connect(settings.tracking)

@@ -7,12 +7,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from src.config import PROJECT_ROOT, register_resolvers
-
-CONF_DIR = str(PROJECT_ROOT / "conf")
+from src.config import compose_config
 
 # Small enough that a whole experiment (train, prune, convert, evaluate) takes seconds.
 # The data and model entries give way when a test picks another option of that group.
@@ -21,13 +18,6 @@ TINY = {
     "model": ["model=resnet8", "model.filters=[4,8,8]"],
     "train": ["train.epochs=1", "train.batch_size=32", "train.verbose=0"],
 }
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """Returns the project's config composed with overrides, as the CLI would."""
-    register_resolvers()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 @pytest.fixture

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import optuna
 import pytest
-from hydra import compose, initialize_config_dir
 
 from src.config import ConfigError, search_settings_from
 from src.search import make_study, run_search
 from src.summary import report
-from tests.conftest import CONF_DIR, TINY, assert_png, runs_of
+from tests.conftest import TINY, assert_png, compose_config, runs_of
 
 TrialState = optuna.trial.TrialState
 
@@ -20,8 +19,7 @@ def search_cfg(tmp_path, *overrides):
             "train.epochs=2", "search.n_trials=4", *overrides]
 
     def composer(extra):
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name="config", overrides=base + extra)
+        return compose_config(base + extra)
 
     return composer([]), composer
 
