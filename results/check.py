@@ -1,9 +1,11 @@
-"""Re-evaluates every committed model of results/table.json on the test split and checks it.
+"""Re-evaluates every row of results/table.json on the test split and checks it.
 
     python -m results.check [--data ../shared/datasets/cifar10-jpg.tar.gz] [--tolerance 0.003]
 
-Each committed .tflite file must have the size in the table and reach the table's TFLite
-accuracy within the tolerance (0.3 points) on CIFAR-10 (JPEG q75 copy). Exits 1 otherwise.
+A row with a committed .tflite file must have the table's file size and reach the table's
+TFLite accuracy within the tolerance (0.3 points), run with LiteRT. A one-shot row checked from
+its committed dense baseline is pruned again with the row's settings and must reach the table's
+Keras accuracy. Exits 1 on any mismatch or on a row that cannot be re-evaluated.
 """
 
 from __future__ import annotations
@@ -13,12 +15,18 @@ import json
 import sys
 import tempfile
 import zipfile
+from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from src import data
-from src.config import PROJECT_ROOT, DataConfig
+from src.config import PROJECT_ROOT, settings_from
+from src.keras_env import keras
+from src.prune import prune
 from src.quantize import evaluate_tflite
+from src.train import evaluate
 
 RESULTS = PROJECT_ROOT / "results"
 
@@ -31,36 +39,66 @@ def zipped_size(payload: bytes, name: str) -> int:
     return len(buffer.getvalue())
 
 
-def check(data_path: Path, tolerance: float) -> list[str]:
-    """Returns one line per committed model; lines starting with FAIL are mismatches."""
-    rows = json.loads((RESULTS / "table.json").read_text())
-    with tempfile.TemporaryDirectory() as cache:
-        dataset = data.load(DataConfig(name="cifar10", path=str(data_path)), cache)
+def check(results: Path, data_path: Path | None, tolerance: float) -> list[str]:
+    """Returns one line per row; lines starting with FAIL are mismatches."""
+    rows = json.loads((results / "table.json").read_text())
+    datasets: dict[str, data.Dataset] = {}
     lines = []
-    for row in rows:
-        if not row["model"]:
-            continue
-        payload = (RESULTS / row["model"]).read_bytes()
-        accuracy = evaluate_tflite(payload, dataset.x_test, dataset.y_test)
-        ok = abs(accuracy - row["tflite_accuracy"]) <= tolerance \
-            and len(payload) == row["tflite_bytes"]
-        lines.append(f"{'ok  ' if ok else 'FAIL'} {row['name']}: accuracy {accuracy:.4f} "
-                     f"(table {row['tflite_accuracy']:.4f}), {len(payload)} bytes "
-                     f"(table {row['tflite_bytes']:.0f}), zipped "
-                     f"{zipped_size(payload, 'model.tflite')} bytes")
+    with tempfile.TemporaryDirectory() as cache:
+        for row in rows:
+            settings = settings_from(OmegaConf.create(row["config"]))
+            data_cfg = settings.data
+            if data_path is not None:
+                data_cfg = replace(data_cfg, path=str(data_path))
+            elif data_cfg.path and not Path(data_cfg.path).expanduser().is_absolute():
+                data_cfg = replace(data_cfg, path=str(PROJECT_ROOT / data_cfg.path))
+            key = repr(data_cfg)
+            if key not in datasets:
+                datasets[key] = data.load(data_cfg, cache)
+            lines.append(_check_row(row, settings, datasets[key], results, tolerance))
     return lines
 
 
+def _check_row(row: dict, settings, dataset: data.Dataset, results: Path,
+               tolerance: float) -> str:
+    label = f"{row['experiment']} / {row['name']}"
+    if row["check"] == "tflite":
+        payload = (results / row["file"]).read_bytes()
+        accuracy = evaluate_tflite(payload, dataset.x_test, dataset.y_test)
+        ok = abs(accuracy - row["tflite_accuracy"]) <= tolerance \
+            and len(payload) == row["tflite_bytes"]
+        return (f"{'ok  ' if ok else 'FAIL'} {label}: TFLite accuracy {accuracy:.4f} "
+                f"(table {row['tflite_accuracy']:.4f}), {len(payload)} bytes "
+                f"(table {row['tflite_bytes']:.0f}), zipped "
+                f"{zipped_size(payload, 'model.tflite')} bytes")
+    if row["check"] == "keras_oneshot":
+        keras.backend.clear_session()
+        model = keras.models.load_model(results / row["file"], compile=False)
+        pruned = prune(model, settings.prune, dataset, settings.train).model
+        accuracy = evaluate(pruned, dataset.x_test, dataset.y_test)
+        ok = abs(accuracy - row["test_accuracy"]) <= tolerance
+        return (f"{'ok  ' if ok else 'FAIL'} {label}: Keras accuracy {accuracy:.4f} "
+                f"(table {row['test_accuracy']:.4f}), re-pruned from {row['file']}")
+    return f"FAIL {label}: nothing committed to re-evaluate it with"
+
+
 def main() -> None:
-    """Command line: prints one line per model, exits 1 on a mismatch."""
+    """Command line: prints one line per row, exits 1 on a mismatch."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path,
-                        default=PROJECT_ROOT.parent / "shared/datasets/cifar10-jpg.tar.gz")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="dataset to evaluate on (default: each row's data.path)")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--tolerance", type=float, default=0.003)
     args = parser.parse_args()
-    lines = check(args.data, args.tolerance)
+    if not (args.results / "table.json").exists():
+        raise SystemExit(f"error: {args.results / 'table.json'} not found; "
+                         "run python -m results.collect first")
+    lines = check(args.results, args.data, args.tolerance)
     print("\n".join(lines))
-    if any(line.startswith("FAIL") for line in lines):
+    failed = sum(line.startswith("FAIL") for line in lines)
+    print(f"{len(lines) - failed} of {len(lines)} rows re-evaluate within "
+          f"{args.tolerance * 100:.1f} points")
+    if failed:
         sys.exit(1)
 
 
