@@ -9,9 +9,10 @@ fine-tuning epoch ("trial early stopping"; Optuna's name for it is pruning).
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +161,12 @@ def _trial_stopper(search: SearchConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def run_search(cfg: DictConfig, compose: Composer) -> optuna.Study:
-    """Runs search.n_trials trials (or until search.timeout) and returns the study."""
+def run_search(cfg: DictConfig, compose: Composer, replay: Sequence[str] = ()) -> optuna.Study:
+    """Runs search.n_trials trials (or until search.timeout) and returns the study.
+
+    replay: the command-line overrides that, with a trial's sampled ones, make
+    ``python -m src.run`` repeat that trial; each trial run is tagged with that command.
+    """
     search = search_settings_from(cfg)
     base = settings_from(cfg)  # the untouched settings must be valid too
     if search.early_stop.rule != "none" and base.data.val_fraction == 0:
@@ -178,7 +183,7 @@ def run_search(cfg: DictConfig, compose: Composer) -> optuna.Study:
         tracking.log_params({"search.objectives": ",".join(search.objectives),
                              "search.storage": tracking.safe_url(search.storage),
                              "search.n_trials": search.n_trials, "search.seed": search.seed})
-        study.optimize(lambda trial: _trial(trial, search, compose, base.tracking),
+        study.optimize(lambda trial: _trial(trial, search, compose, base.tracking, replay),
                        n_trials=search.n_trials,
                        timeout=search.timeout, catch=(Exception,),
                        # Optuna fails stale trials before each new one: close their runs too.
@@ -246,10 +251,11 @@ def _alive(pid: int) -> bool:
 
 
 def _trial(trial: optuna.Trial, search: SearchConfig, compose: Composer,
-           tracking_cfg: TrackingConfig) -> list[float]:
+           tracking_cfg: TrackingConfig, replay: Sequence[str]) -> list[float]:
     overrides = sample_overrides(trial, search.space)
     trial.set_user_attr("overrides", overrides)
     tags = {"study_name": search.study_name, "trial_number": str(trial.number),
+            "command": shlex.join(["python", "-m", "src.run", *replay, *overrides]),
             **{f"trial.{name}": str(value) for name, value in trial.params.items()}}
     try:
         cfg = compose(overrides)
@@ -286,8 +292,10 @@ def _progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: runs the configured Optuna search."""
     task_overrides = list(HydraConfig.get().overrides.task)
+    replay = [o for o in task_overrides if not o.lstrip("~+").startswith("search")]
     try:
-        run_search(cfg, lambda extra: hydra.compose("config", overrides=task_overrides + extra))
+        run_search(cfg, lambda extra: hydra.compose("config", overrides=task_overrides + extra),
+                   replay)
     except (ConfigError, DataError, SearchAborted) as error:
         raise SystemExit(f"error: {error}") from None
     except KeyboardInterrupt:

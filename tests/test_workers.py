@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -65,6 +66,12 @@ def test_two_workers_share_one_postgresql_study(tmp_path):
                         if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
             assert len(children) == 3
         assert sorted(int(r.data.tags["trial_number"]) for r in trials) == numbers
+        for run in trials:  # each trial run names the single run that repeats it
+            command = shlex.split(run.data.tags["command"])
+            assert command[:3] == ["python", "-m", "src.run"]
+            assert f"paths.root={tmp_path}" in command
+            assert any(arg.lstrip("+").startswith("prune.rate=") for arg in command)
+            assert not [arg for arg in command if "search" in arg]
         baselines = [r.data.tags["baseline_reused"] for r in trials]
         assert baselines.count("False") == 1  # the lock let one worker train it
         mlflow.set_tracking_uri("sqlite://")  # let go of the server before it stops
