@@ -31,13 +31,16 @@ def data_label() -> str:
     return "CIFAR-10 (JPEG q75 copy)" if found else "synthetic data (no CIFAR-10 found)"
 
 
-def timed_cli(module: str, *overrides: str) -> float:
-    """Runs `python -m module overrides...` and returns its wall time in seconds."""
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", module, *overrides], cwd=PROJECT_ROOT, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return time.perf_counter() - started
+def timed_cli(module: str, *overrides: str, log: Path | None = None) -> float:
+    """Runs `python -m module overrides...` and returns its wall time in seconds.
+
+    Its output goes to log when given, else nowhere."""
+    with open(log or os.devnull, "w") as out:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", module, *overrides], cwd=PROJECT_ROOT, check=True,
+                       stdout=out, stderr=subprocess.STDOUT,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return time.perf_counter() - started
 
 
 def runs(root: Path, experiment: str = "prunesweep") -> list[mlflow.entities.Run]:
