@@ -53,3 +53,25 @@ def test_collect_then_check_reevaluates_every_row(make_cfg, tmp_path):
     assert "## Frontier" in text and "## One-shot pruning" in text
     assert collect.oneshot_plot(rows, out / "oneshot.png")
     assert_png(out / "oneshot.png")
+
+
+def test_reference_section_compares_every_reference_number():
+    def row(method: str, quant: str, **metrics) -> dict:
+        return {"name": f"mobilenetv2-{method}-{quant}", "config": {
+            "model": {"name": "mobilenetv2"}, "prune": {"method": method},
+            "quant": {"mode": quant}}, **metrics}
+
+    rows = [row("none", "none", test_accuracy=0.80, model_bytes=9_100_000),
+            row("tfmot", "int8", test_accuracy=0.64, tflite_accuracy=0.70,
+                model_zip_bytes=2_000_000, tflite_zip_bytes=600_000)]
+    cells = [line.strip("| ").split(" | ") for line in collect.reference_section(rows).splitlines()
+             if line.startswith("| ") and not line.startswith("| what")]
+    verdicts = {row[0]: row[3] for row in cells}
+    assert verdicts == {
+        "dense test accuracy": "yes",                                  # 80% > 67%
+        "tfmot 50% -> 90% sparsity, Keras accuracy": "no",             # 64% < 65%
+        "same, after int8 TFLite quantization": "yes",                 # 70% > 63%
+        "model size (dense .h5)": "yes",                               # 9.10 < 9.15 MB
+        "pruned model, zipped (.h5, 90% tfmot)": "yes",                # 2.00 < 2.16 MB
+        "quantized (int8 TFLite, 90% tfmot, zipped)": "no",            # 0.60 > 0.56 MB
+    }
