@@ -44,7 +44,10 @@ def check(results: Path, data_path: Path | None, tolerance: float) -> list[str]:
     rows = json.loads((results / "table.json").read_text())
     datasets: dict[str, data.Dataset] = {}
     lines = []
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as scratch:
+        # Decoded datasets are cached where runs cache them (decoding JPEGs takes a while).
+        cache = PROJECT_ROOT / "mlruns" / "cache" if (PROJECT_ROOT / "mlruns").is_dir() \
+            else scratch
         for row in rows:
             settings = settings_from(OmegaConf.create(row["config"]))
             data_cfg = settings.data
