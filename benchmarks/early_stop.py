@@ -1,7 +1,7 @@
 """Search early stopping: the same seeded study with and without trial early stopping.
 
     python -m benchmarks.early_stop [--trials 12] [--finetune-epochs 4] [--limit-train 5000]
-                                    [--rule median|hyperband]
+                                    [--rule median|percentile|hyperband] [--percentile 50]
 
 Prints fine-tuning epochs spent and the best objective of each. Both studies share one
 cached baseline, trained before either starts, so only the trials are compared.
@@ -27,6 +27,7 @@ def study(root: Path, name: str, rule: str, args: argparse.Namespace) -> optuna.
             f"search.study_name={name}", f"search.n_trials={args.trials}",
             f"search.early_stop.rule={rule}", "search.early_stop.startup_trials=3",
             f"search.early_stop.max_epochs={args.finetune_epochs}",
+            f"search.early_stop.percentile={args.percentile}",
             "search.accuracy_floor=null", "~search.space",
             "+search.space={method: {path: prune, choices: [flat, layer]}, "
             "rate: {path: prune.rate, low: 0.5, high: 0.95}, "
@@ -44,12 +45,17 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--limit-train", type=int, default=5000)
-    parser.add_argument("--rule", choices=["median", "hyperband"], default="median")
+    parser.add_argument("--rule", choices=["median", "percentile", "hyperband"], default="median")
+    parser.add_argument("--percentile", type=float, default=50.0,
+                        help="percentile rule: stop trials below this percentile")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="bench-early-") as tmp:
-        for label, rule in [("without early stopping", "none"), (f"{args.rule} rule", args.rule)]:
+        stopped = f"{args.rule} rule"
+        if args.rule == "percentile":
+            stopped += f" ({args.percentile:g})"
+        for label, rule in [("without early stopping", "none"), (stopped, args.rule)]:
             done = study(Path(tmp), f"bench_{rule}", rule, args)
             # Every fine-tuning epoch reports once, stopped early or not.
             epochs = sum(len(t.intermediate_values) for t in done.trials)

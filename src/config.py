@@ -354,6 +354,7 @@ class EarlyStopConfig:
     rule: str = "median"
     startup_trials: int = 2
     warmup_epochs: int = 0
+    percentile: float = 50.0
     min_epochs: int = 1
     max_epochs: int = 3
     reduction_factor: int = 3
@@ -398,8 +399,10 @@ class SearchConfig:
         _check(self.sampler in ("tpe", "random", "nsga2"), "search.sampler",
                f"must be tpe, random or nsga2, got {self.sampler!r}")
         rule = self.early_stop.rule
-        _check(rule in ("none", "median", "hyperband"), "search.early_stop.rule",
-               f"must be none, median or hyperband, got {rule!r}")
+        _check(rule in ("none", "median", "percentile", "hyperband"), "search.early_stop.rule",
+               f"must be none, median, percentile or hyperband, got {rule!r}")
+        _check(0 < self.early_stop.percentile < 100, "search.early_stop.percentile",
+               f"must be between 0 and 100, got {self.early_stop.percentile}")
         _check(rule == "none" or len(self.objectives) == 1, "search.early_stop.rule",
                "trial early stopping needs a single objective; set it to none")
         _check(bool(self.space), "search.space", "needs at least one dimension")

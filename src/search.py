@@ -151,9 +151,10 @@ def open_storage(search: SearchConfig) -> optuna.storages.RDBStorage:
 
 def _trial_stopper(search: SearchConfig) -> optuna.pruners.BasePruner:
     rule = search.early_stop
-    if rule.rule == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=rule.startup_trials,
-                                           n_warmup_steps=rule.warmup_epochs)
+    if rule.rule in ("median", "percentile"):  # median = the 50th percentile
+        percentile = 50.0 if rule.rule == "median" else rule.percentile
+        return optuna.pruners.PercentilePruner(percentile, n_startup_trials=rule.startup_trials,
+                                               n_warmup_steps=rule.warmup_epochs)
     if rule.rule == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=rule.min_epochs,
                                               max_resource=rule.max_epochs,

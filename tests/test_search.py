@@ -114,6 +114,8 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
         ("search.storage=redis://localhost/0", "search.storage"),
         ("search.objectives=[speed]", "search.objectives"),
         ("search.n_trials=0", "search.n_trials"),
+        ("search.early_stop.rule=mean", "search.early_stop.rule"),
+        ("search.early_stop.percentile=100", "search.early_stop.percentile"),
     ],
 )
 def test_bad_search_settings_name_the_key(tmp_path, override, key):
