@@ -1,6 +1,7 @@
 """Re-evaluates every row of results/table.json on the test split and checks it.
 
     python -m results.check [--data ../shared/datasets/cifar10-jpg.tar.gz] [--tolerance 0.003]
+                            [--only-tflite]
 
 A row with a committed .tflite file must have the table's file size and reach the table's
 TFLite accuracy within the tolerance (0.3 points), run with LiteRT. A one-shot row checked from
@@ -39,9 +40,12 @@ def zipped_size(payload: bytes, name: str) -> int:
     return len(buffer.getvalue())
 
 
-def check(results: Path, data_path: Path | None, tolerance: float) -> list[str]:
+def check(results: Path, data_path: Path | None, tolerance: float,
+          only_tflite: bool = False) -> list[str]:
     """Returns one line per row; lines starting with FAIL are mismatches."""
     rows = json.loads((results / "table.json").read_text())
+    if only_tflite:
+        rows = [row for row in rows if row["check"] == "tflite"]
     datasets: dict[str, data.Dataset] = {}
     lines = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -92,11 +96,13 @@ def main() -> None:
                         help="dataset to evaluate on (default: each row's data.path)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--tolerance", type=float, default=0.003)
+    parser.add_argument("--only-tflite", action="store_true",
+                        help="only the committed .tflite models (seconds, as CI runs it)")
     args = parser.parse_args()
     if not (args.results / "table.json").exists():
         raise SystemExit(f"error: {args.results / 'table.json'} not found; "
                          "run python -m results.collect first")
-    lines = check(args.results, args.data, args.tolerance)
+    lines = check(args.results, args.data, args.tolerance, args.only_tflite)
     print("\n".join(lines))
     failed = sum(line.startswith("FAIL") for line in lines)
     print(f"{len(lines) - failed} of {len(lines)} rows re-evaluate within "

@@ -47,6 +47,7 @@ def test_collect_then_check_reevaluates_every_row(make_cfg, tmp_path):
     lines = dict(zip([r["name"] for r in rows], check.check(out, None, tolerance=0.003)))
     assert lines["resnet8-flat-0.50-none"].startswith("ok"), lines
     assert lines["resnet8-layer-0.30-ft1-int8"].startswith("FAIL")
+    assert check.check(out, None, tolerance=0.003, only_tflite=True) == []
 
     text = collect.render(rows, "--experiment table")
     assert "resnet8-flat-0.50-none" in text and "not re-evaluable" in text
