@@ -59,12 +59,15 @@ def test_collect_then_check_reevaluates_every_row(make_cfg, tmp_path):
 def test_reference_section_compares_every_reference_number():
     def row(method: str, quant: str, **metrics) -> dict:
         return {"name": f"mobilenetv2-{method}-{quant}", "config": {
-            "model": {"name": "mobilenetv2"}, "prune": {"method": method},
+            "model": {"name": "mobilenetv2"},
+            "prune": {"method": method, "final_sparsity": 0.9 if method == "tfmot" else None},
             "quant": {"mode": quant}}, **metrics}
 
     rows = [row("none", "none", test_accuracy=0.80, model_bytes=9_100_000),
             row("tfmot", "int8", test_accuracy=0.64, tflite_accuracy=0.70,
-                model_zip_bytes=2_000_000, tflite_zip_bytes=600_000)]
+                model_zip_bytes=2_000_000, tflite_zip_bytes=600_000),
+            row("tfmot", "int8", test_accuracy=0.60, tflite_accuracy=0.60,  # a worse recipe
+                model_zip_bytes=1_000_000, tflite_zip_bytes=500_000)]
     cells = [line.strip("| ").split(" | ") for line in collect.reference_section(rows).splitlines()
              if line.startswith("| ") and not line.startswith("| what")]
     verdicts = {row[0]: row[3] for row in cells}
