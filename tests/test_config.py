@@ -14,7 +14,7 @@ GROUP_OPTIONS = {
     "quant": ["none", "dynamic", "int8", "float16"],
     "tracking": ["mlflow"],
     "paths": ["default"],
-    "experiment": ["quick", "reference_oneshot", "reference_tfmot"],
+    "experiment": ["quick", "reference_oneshot", "reference_tfmot", "frontier_resnet8"],
     "search": ["accuracy_per_mb", "pareto"],
 }
 
