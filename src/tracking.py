@@ -73,8 +73,12 @@ def running_runs(cfg: TrackingConfig, tags: Mapping[str, str]) -> list[mlflow.en
 
 
 def _tag_filter(tags: Mapping[str, str]) -> str:
-    """Returns an MLflow filter matching runs with all these tags (dotted keys are skipped)."""
-    return " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items() if "." not in k)
+    """Returns an MLflow filter matching runs with all these tags.
+
+    Tags a filter cannot express are skipped: dotted keys, and values with a quote (a command
+    line); the rest (study name, trial number) identify the run."""
+    return " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items()
+                        if "." not in k and "'" not in str(v))
 
 
 def record_failure(cfg: TrackingConfig, tags: Mapping[str, str], reason: str) -> None:
