@@ -163,9 +163,10 @@ def reference_section(rows: list[dict]) -> str:
     if not (dense and tfmot):
         return ""
     lines = ["## Against the reference study (stock Keras MobileNetV2)\n",
-             "Sizes here in MiB (2^20 bytes): the reference's 9.15 MB dense model is the same "
-             "architecture as ours, whose .h5 file is 9.13 MiB but 9.58 MB, so the reference "
-             "counted MiB.\n",
+             f"Sizes here in MiB (2^20 bytes): the reference's {REFERENCE['model_mb']} MB dense "
+             "model is the same architecture as ours, whose .h5 file is "
+             f"{dense['model_bytes'] / MIB:.2f} MiB = {dense['model_bytes'] / MB:.2f} MB, so "
+             "the reference counted MiB.\n",
              "| what | reference | here | better | row |", "|---|---|---|---|---|"]
 
     def add(what: str, reference: float, ours: float, accuracy: bool, row: dict) -> None:
