@@ -62,13 +62,18 @@ def collect(experiments: list[str], uri: str, results: Path,
     """Returns the rows of the experiments' finished runs (newest run per name), copying the
     files that re-evaluate them into results/models/."""
     mlflow.set_tracking_uri(uri)
-    rows: dict[tuple[str, str], dict] = {}
+    found = {}
     for experiment in experiments:
-        runs = mlflow.search_runs(experiment_names=[experiment], output_format="list",
-                                  filter_string="attributes.status = 'FINISHED'",
-                                  order_by=["attributes.start_time DESC"])
-        if not runs:
+        found[experiment] = mlflow.search_runs(experiment_names=[experiment],
+                                               output_format="list",
+                                               filter_string="attributes.status = 'FINISHED'",
+                                               order_by=["attributes.start_time DESC"])
+        if not found[experiment]:
             raise SystemExit(f"error: --experiment {experiment}: no finished runs at {uri}")
+    # Only now, with every experiment found, the old files go: only the current rows' stay.
+    shutil.rmtree(results / "models", ignore_errors=True)
+    rows: dict[tuple[str, str], dict] = {}
+    for experiment, runs in found.items():
         for run in runs:
             artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
             if "tflite_bytes" not in run.data.metrics or not (artifacts / "config.yaml").exists():
@@ -317,8 +322,6 @@ def main() -> None:
     args = parser.parse_args()
     experiments = args.experiment or ["reference"]
     matplotlib.use("Agg")
-    if (args.out / "models").exists():
-        shutil.rmtree(args.out / "models")  # only the current rows' files stay committed
     rows = collect(experiments, args.uri, args.out, args.max_model_bytes)
     (args.out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
     command = " ".join(f"--experiment {e}" for e in experiments)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import matplotlib
+import pytest
 
 from results import check, collect
 from src.run import run
@@ -30,6 +31,11 @@ def test_collect_then_check_reevaluates_every_row(make_cfg, tmp_path):
     (out / "table.json").write_text(json.dumps(rows))
     lines = check.check(out, None, tolerance=0.003)
     assert len(lines) == 2 and all(line.startswith("ok") for line in lines), lines
+
+    # A misspelt experiment is refused before any committed file is touched.
+    with pytest.raises(SystemExit, match="--experiment tabel: no finished runs"):
+        collect.collect(["table", "tabel"], uri, out, max_model_bytes=10**9)
+    assert all((out / r["file"]).exists() for r in rows)
 
     # A wrong number in the table is caught.
     rows[0]["tflite_accuracy"] += 0.05
