@@ -140,25 +140,11 @@ def render(rows: list[dict], args: str) -> str:
     return "\n".join(p for p in parts if p)
 
 
-def _pick(rows: list[dict], **where) -> dict | None:
-    """Returns the first row whose config matches where (group.key=value, dots as __)."""
-    for row in rows:
-        if all(_get(row["config"], path.replace("__", ".")) == value
-               for path, value in where.items()):
-            return row
-    return None
-
-
-def _get(config: dict, path: str):
-    for key in path.split("."):
-        config = config.get(key) if isinstance(config, dict) else None
-    return config
-
-
 def reference_section(rows: list[dict]) -> str:
     """Returns the comparison with the reference study's numbers (stock MobileNetV2 rows)."""
     stock = [r for r in rows if r["config"]["model"]["name"] == "mobilenetv2"]
-    dense = _pick(stock, prune__method="none", quant__mode="none")
+    dense = next((r for r in stock if r["config"]["prune"]["method"] == "none"
+                  and r["config"]["quant"]["mode"] == "none"), None)
     tfmot_int8 = sorted((r for r in stock if r["config"]["prune"]["method"] == "tfmot"
                          and r["config"]["quant"]["mode"] == "int8"),
                         key=lambda r: r["config"]["prune"].get("final_sparsity") or 0)
@@ -207,14 +193,21 @@ def reference_section(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def oneshot_section(rows: list[dict]) -> str:
-    """Returns the reference figure as a table: one-shot Keras accuracy by rate, flat vs layer."""
-    oneshot = {}
+def oneshot_rows(rows: list[dict]) -> dict[tuple[str, str, float], dict]:
+    """Returns the reference figure's rows (float, flat or layer, no fine-tuning) by
+    (model, method, rate)."""
+    found = {}
     for row in rows:
         prune = row["config"]["prune"]
         if prune["method"] in ("flat", "layer") and not prune.get("finetune_epochs") \
                 and row["config"]["quant"]["mode"] == "none":
-            oneshot[row["config"]["model"]["name"], prune["method"], prune["rate"]] = row
+            found[row["config"]["model"]["name"], prune["method"], prune["rate"]] = row
+    return found
+
+
+def oneshot_section(rows: list[dict]) -> str:
+    """Returns the reference figure as a table: one-shot Keras accuracy by rate, flat vs layer."""
+    oneshot = oneshot_rows(rows)
     if not oneshot:
         return ""
     models = sorted({m for m, _, _ in oneshot})
@@ -235,21 +228,15 @@ def oneshot_section(rows: list[dict]) -> str:
 
 def oneshot_plot(rows: list[dict], path: Path) -> bool:
     """Writes the accuracy-vs-rate figure of the one-shot rows; False when there are none."""
+    oneshot = oneshot_rows(rows)
+    if not oneshot:
+        return False
     figure = Figure(figsize=(6, 4))
     axes = figure.add_subplot()
-    plotted = False
-    for model in sorted({r["config"]["model"]["name"] for r in rows}):
-        for method in ("flat", "layer"):
-            points = sorted((r["config"]["prune"]["rate"], r["test_accuracy"]) for r in rows
-                            if r["config"]["model"]["name"] == model
-                            and r["config"]["prune"]["method"] == method
-                            and not r["config"]["prune"].get("finetune_epochs")
-                            and r["config"]["quant"]["mode"] == "none")
-            if points:
-                axes.plot(*zip(*points), marker="o", label=f"{model} {method}")
-                plotted = True
-    if not plotted:
-        return False
+    for model, method in sorted({(m, k) for m, k, _ in oneshot}):
+        points = sorted((rate, row["test_accuracy"]) for (m, k, rate), row in oneshot.items()
+                        if (m, k) == (model, method))
+        axes.plot(*zip(*points), marker="o", label=f"{model} {method}")
     axes.set(xlabel="pruning rate (one-shot, no fine-tuning)", ylabel="test accuracy",
              title="CIFAR-10 (JPEG q75): flat vs layer magnitude pruning")
     axes.grid(alpha=0.3)
