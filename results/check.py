@@ -47,6 +47,7 @@ def check(results: Path, data_path: Path | None, tolerance: float,
     if only_tflite:
         rows = [row for row in rows if row["check"] == "tflite"]
     datasets: dict[str, data.Dataset] = {}
+    dense: dict[Path, tuple[keras.Model, list]] = {}  # each baseline read once, reset per row
     lines = []
     with tempfile.TemporaryDirectory() as scratch:
         # Decoded datasets are cached where runs cache them (decoding JPEGs takes a while).
@@ -62,12 +63,12 @@ def check(results: Path, data_path: Path | None, tolerance: float,
             key = repr(data_cfg)
             if key not in datasets:
                 datasets[key] = data.load(data_cfg, cache)
-            lines.append(_check_row(row, settings, datasets[key], results, tolerance))
+            lines.append(_check_row(row, settings, datasets[key], results, tolerance, dense))
     return lines
 
 
-def _check_row(row: dict, settings, dataset: data.Dataset, results: Path,
-               tolerance: float) -> str:
+def _check_row(row: dict, settings, dataset: data.Dataset, results: Path, tolerance: float,
+               dense: dict[Path, tuple[keras.Model, list]]) -> str:
     label = f"{row['experiment']} / {row['name']}"
     if row["check"] == "tflite":
         payload = (results / row["file"]).read_bytes()
@@ -79,8 +80,12 @@ def _check_row(row: dict, settings, dataset: data.Dataset, results: Path,
                 f"(table {row['tflite_bytes']:.0f}), zipped "
                 f"{zipped_size(payload, 'model.tflite')} bytes")
     if row["check"] == "keras_oneshot":
-        keras.backend.clear_session()
-        model = keras.models.load_model(results / row["file"], compile=False)
+        path = results / row["file"]
+        if path not in dense:
+            model = keras.models.load_model(path, compile=False)
+            dense[path] = model, model.get_weights()
+        model, weights = dense[path]
+        model.set_weights(weights)  # undo the previous row's pruning
         pruned = prune(model, settings.prune, dataset, settings.train).model
         accuracy = evaluate(pruned, dataset.x_test, dataset.y_test)
         ok = abs(accuracy - row["test_accuracy"]) <= tolerance
