@@ -15,9 +15,7 @@ import argparse
 import json
 import sys
 import tempfile
-import zipfile
 from dataclasses import replace
-from io import BytesIO
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -28,16 +26,9 @@ from src.keras_env import keras
 from src.prune import prune
 from src.quantize import evaluate_tflite
 from src.train import evaluate
+from src.units import zipped_size
 
 RESULTS = PROJECT_ROOT / "results"
-
-
-def zipped_size(payload: bytes, name: str) -> int:
-    """Returns the deflate-zipped size, measured the way the runs measure it."""
-    buffer = BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr(name, payload)
-    return len(buffer.getvalue())
 
 
 def check(results: Path, data_path: Path | None, tolerance: float,

@@ -25,13 +25,12 @@ import yaml
 from matplotlib.figure import Figure
 
 from src.config import PROJECT_ROOT
+from src.units import KB, MB
 
 RESULTS = PROJECT_ROOT / "results"
 METRICS = ["baseline_test_accuracy", "test_accuracy", "tflite_accuracy", "sparsity_global",
            "tflite_sparsity", "model_bytes", "model_zip_bytes", "tflite_bytes",
            "tflite_zip_bytes", "accuracy_per_mb", "train_seconds"]
-KB = 1000
-MB = 1_000_000  # SI units, as src.measure (accuracy_per_mb)
 MIB = 1024 * 1024  # the reference study's "MB" (see reference_section)
 
 # The reference study's published numbers (stock MobileNetV2, CIFAR-10), which the table beats.

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import time
-import zipfile
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
 from src.keras_env import keras
-from src.prune import KERNEL_ATTRIBUTE
+from src.prune.common import KERNEL_ATTRIBUTE
 
-MB = 1_000_000
 _TFLITE_DTYPES = {
     schema.TensorType.FLOAT32: np.float32,
     schema.TensorType.FLOAT16: np.float16,
@@ -75,14 +72,6 @@ def sparsity_table(rows: Sequence[LayerSparsity]) -> str:
     lines += [f"{r.layer},{r.kind},{r.prunable},{r.weights},{r.zeros},{r.sparsity:.6f}"
               for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def zip_file(path: Path) -> Path:
-    """Writes path.zip (deflate, as the reference study measured) and returns its path."""
-    target = path.with_name(path.name + ".zip")
-    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        archive.write(path, arcname=path.name)
-    return target
 
 
 def tflite_weight_sparsity(flatbuffer: bytes) -> float:

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from src import baseline, data, measure, quantize, tracking
+from src import baseline, data, measure, quantize, tracking, units
 from src.config import ConfigError, Settings, register_resolvers, settings_from
 from src.data import DataError
 from src.keras_env import keras
@@ -92,9 +92,9 @@ def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dat
         tflite_file.write_bytes(flatbuffer)
         sizes = {
             "model_bytes": keras_file.stat().st_size,
-            "model_zip_bytes": measure.zip_file(keras_file).stat().st_size,
+            "model_zip_bytes": units.zipped_size(keras_file.read_bytes(), keras_file.name),
             "tflite_bytes": tflite_file.stat().st_size,
-            "tflite_zip_bytes": measure.zip_file(tflite_file).stat().st_size,
+            "tflite_zip_bytes": units.zipped_size(flatbuffer, tflite_file.name),
         }
         sparsity = {
             "sparsity_global": measure.global_sparsity(rows),
@@ -108,7 +108,7 @@ def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dat
         "tflite_accuracy": tflite_accuracy,
         **sparsity,
         **sizes,
-        "accuracy_per_mb": tflite_accuracy / (sizes["tflite_zip_bytes"] / measure.MB),
+        "accuracy_per_mb": tflite_accuracy / (sizes["tflite_zip_bytes"] / units.MB),
     }
     return metrics, [tflite_file, table]
 

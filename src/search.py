@@ -36,8 +36,8 @@ from src.config import (
 )
 from src.data import DataError
 from src.keras_env import keras
-from src.measure import MB
 from src.run import run
+from src.units import MB
 
 Composer = Callable[[list[str]], DictConfig]
 

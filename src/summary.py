@@ -23,8 +23,7 @@ from matplotlib.figure import Figure
 
 from src import tracking
 from src.config import ConfigError, compose_config, search_settings_from, settings_from
-
-KB = 1024
+from src.units import KB
 
 
 def study_report(study: optuna.Study, out_dir: Path) -> tuple[str, list[Path]]:

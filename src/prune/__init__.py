@@ -1,0 +1,25 @@
+"""Weight pruning, one module per method: magnitude (flat, layer) and tfmot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from src.config import PruneConfig, TrainConfig
+from src.data import Dataset
+from src.keras_env import keras
+from src.prune.common import KERNEL_ATTRIBUTE, PruneResult, prunable_kernels
+from src.prune.magnitude import flat_masks, layer_masks, prune_magnitude
+from src.prune.tfmot import prune_tfmot, tfmot_schedule_steps
+
+__all__ = ["KERNEL_ATTRIBUTE", "PruneResult", "flat_masks", "layer_masks", "prunable_kernels",
+           "prune", "tfmot_schedule_steps"]
+
+METHODS = {"flat": prune_magnitude, "layer": prune_magnitude, "tfmot": prune_tfmot}
+
+
+def prune(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg: TrainConfig,
+          callbacks: Sequence[keras.callbacks.Callback] = ()) -> PruneResult:
+    """Returns the model pruned as configured (fine-tuned if asked), wrappers stripped."""
+    if cfg.method == "none":
+        return PruneResult(model)
+    return METHODS[cfg.method](model, cfg, data, train_cfg, callbacks)
