@@ -38,7 +38,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str], config_name: str = "config") -> DictConfig:
     """Returns the project's config composed with overrides, as the command line would.
 
     For callers outside a running Hydra app (tests, reports, benchmarks).
@@ -47,7 +47,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -187,6 +187,8 @@ class PruneConfig:
     end: float = 1.0
     frequency: int = 100
     structured_2_4: bool = False
+    # layer: per-layer rates derived from this sensitivity run (python -m src.sensitivity)
+    rates_from: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.method in ("none", "flat", "layer", "tfmot"), "prune.method",
@@ -202,6 +204,8 @@ class PruneConfig:
                "must name at least one layer type")
         _check(self.finetune_epochs >= 0, "prune.finetune_epochs", "must be >= 0")
         _check(self.finetune_lr > 0, "prune.finetune_lr", "must be > 0")
+        _check(not self.rates_from or self.method in ("layer", "channel"), "prune.rates_from",
+               f"per-layer rates need prune=layer, not {self.method!r}")
         if self.method == "tfmot":
             self._check_tfmot()
 
@@ -237,6 +241,7 @@ class QuantConfig:
     mode: str = "none"
     representative_samples: int = 256
     integer_io: bool = False
+    sparse_encoding: bool = False  # store sparse weights compressed in the .tflite
 
     def __post_init__(self) -> None:
         _check(self.mode in ("none", "dynamic", "int8", "float16"), "quant.mode",

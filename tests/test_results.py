@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import matplotlib
@@ -144,8 +144,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _mlflow_server(root: Path, timeout: float = 180) -> Iterator[str]:
-    """Yields the URL of an MLflow server on loopback that proxies artifacts to root/artifacts."""
+def _mlflow_server(root: Path) -> Iterator[Callable[[float], str]]:
+    """Starts an MLflow server on loopback that proxies artifacts to root/artifacts; yields a
+    function that waits (at most its timeout) until the server answers and returns its URL."""
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
@@ -153,17 +154,20 @@ def _mlflow_server(root: Path, timeout: float = 180) -> Iterator[str]:
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
+
+    def ready(timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while True:
             try:
                 urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
+                return url
             except OSError:
                 assert server.poll() is None, "the MLflow server exited at start-up"
                 assert time.monotonic() < deadline, f"no MLflow server at {url} after {timeout} s"
                 time.sleep(0.5)
-        yield url
+
+    try:
+        yield ready
     finally:
         mlflow.set_tracking_uri("sqlite://")  # let go of the server before it stops
         server.terminate()
@@ -178,9 +182,10 @@ def test_collect_reads_a_server_with_proxied_artifacts_like_the_local_store(make
                                                                            tmp_path):
     overrides = [("prune=flat", "prune.rate=0.5"), ("prune=layer", "prune.rate=0.5", "quant=int8")]
     tables = {}
-    with _mlflow_server(tmp_path / "server") as url:
-        for store, uri in (("local", None), ("server", url)):
-            tracking = [f"tracking.uri={uri}", "tracking.artifact_location=null"] if uri else []
+    with _mlflow_server(tmp_path / "server") as ready:  # starts while the local runs run
+        for store in ("local", "server"):
+            tracking = [] if store == "local" else [f"tracking.uri={ready(180)}",
+                                                    "tracking.artifact_location=null"]
             for extra in overrides:  # one-shot rows from one cached baseline: same numbers
                 cfg = make_cfg(*extra, "tracking.experiment=table", *tracking)
                 run(cfg)
@@ -190,7 +195,7 @@ def test_collect_reads_a_server_with_proxied_artifacts_like_the_local_store(make
                              | {"config": {k: v for k, v in row["config"].items()
                                            if k != "tracking"},
                                 "bytes": (out / row["file"]).read_bytes()} for row in rows]
-        server_run = mlflow.MlflowClient(url).get_run(rows[0]["run_id"])
+        server_run = mlflow.MlflowClient(ready(0)).get_run(rows[0]["run_id"])
     assert server_run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied, not a path
     assert len(tables["server"]) == 2
     assert tables["server"] == tables["local"]
