@@ -25,7 +25,7 @@ from src import baseline, data, tracking
 from src.config import ConfigError, register_resolvers, settings_from
 from src.data import DataError
 from src.keras_env import keras
-from src.prune import layer_masks, prunable_kernels
+from src.prune import KERNEL_ATTRIBUTE, layer_masks, prunable_kernels
 from src.prune.allocate import DENSE_METRIC, TABLE_FILE, SensitivityTable
 from src.train import evaluate
 
@@ -37,7 +37,7 @@ PruneOne = Callable[[keras.Model, str, float], contextlib.AbstractContextManager
 @contextlib.contextmanager
 def magnitude_one(model: keras.Model, layer: str, rate: float) -> Iterator[keras.Model]:
     """Yields the model with the smallest `rate` of one layer's kernel zeroed, then restores it."""
-    kernel = dict(prunable_kernels(model, [type(model.get_layer(layer)).__name__]))[layer]
+    kernel = dict(prunable_kernels(model, tuple(KERNEL_ATTRIBUTE)))[layer]  # nested ones too
     original = kernel.numpy()
     kernel.assign(original * layer_masks([original], rate)[0])
     try:
@@ -69,13 +69,14 @@ def measure(model: keras.Model, layer_types: Sequence[str], rates: Sequence[floa
 
 def heat_map(table: SensitivityTable, title: str, path: Path) -> None:
     """Writes the table as an annotated heat map: layers as rows, rates as columns."""
-    drop = table.dense_accuracy - table.accuracy
-    figure = Figure(figsize=(1.4 + 0.9 * len(table.rates), 1.4 + 0.32 * len(table.layers)))
+    change = table.accuracy - table.dense_accuracy
+    figure = Figure(figsize=(max(6.0, 3 + 0.9 * len(table.rates)),
+                             1.6 + 0.32 * len(table.layers)))
     axes = figure.add_subplot()
     image = axes.imshow(table.accuracy, cmap="RdYlGn", aspect="auto", vmin=0,
                         vmax=max(table.dense_accuracy, float(table.accuracy.max()), 1e-9))
     for (i, j), value in np.ndenumerate(table.accuracy):
-        axes.text(j, i, f"{value:.3f}\n({-drop[i, j]:+.3f})", ha="center", va="center",
+        axes.text(j, i, f"{value:.3f}\n({change[i, j]:+.3f})", ha="center", va="center",
                   fontsize=7)
     axes.set_xticks(range(len(table.rates)), [f"{r:g}" for r in table.rates])
     axes.set_yticks(range(len(table.layers)),
@@ -117,8 +118,9 @@ def sensitivity(cfg: DictConfig) -> tuple[str, SensitivityTable]:
         with tempfile.TemporaryDirectory() as scratch:
             out = Path(scratch)
             (out / TABLE_FILE).write_text(table.to_csv())
-            heat_map(table, f"{settings.model.name} on {settings.data.name}: {method} pruning, "
-                     "one layer at a time", out / "sensitivity.png")
+            heat_map(table, f"{settings.model.name} on {settings.data.name}: {method} pruning,\n"
+                     "one layer at a time (val accuracy, change from dense)",
+                     out / "sensitivity.png")
             tracking.log_artifacts([out / TABLE_FILE, out / "sensitivity.png"])
     return active.info.run_id, table
 
