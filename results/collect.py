@@ -162,8 +162,12 @@ def _attach_check(row: dict, client: mlflow.MlflowClient, staging: Path, results
     models = _mkdir(staging / "models")
     if row["tflite_bytes"] <= max_model_bytes:
         target = models / f"{row['experiment']}-{row['name']}.tflite"
-        downloaded = client.download_artifacts(row["run_id"], "model.tflite",
-                                               str(_mkdir(staging / row["run_id"])))
+        try:
+            downloaded = client.download_artifacts(row["run_id"], "model.tflite",
+                                                   str(_mkdir(staging / row["run_id"])))
+        except (mlflow.exceptions.MlflowException, OSError) as error:
+            raise CollectError(f"run {row['run_id']} ({row['experiment']} / {row['name']}): "
+                               f"cannot read its model.tflite artifact: {error}") from None
         shutil.copyfile(downloaded, target)
         row["check"], row["file"] = "tflite", f"models/{target.name}"
         return
