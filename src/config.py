@@ -48,7 +48,7 @@ def register_resolvers() -> None:
         store.store(group=group, name="schema", node=schema)
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str], config_name: str = "config") -> DictConfig:
     """Returns the project's config composed with overrides, as the command line would.
 
     For callers outside a running Hydra app (tests, reports, benchmarks).
@@ -59,7 +59,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
     register_resolvers()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         try:
-            return compose(config_name="config", overrides=overrides)
+            return compose(config_name=config_name, overrides=overrides)
         except ConfigCompositionException as error:  # a value the schema's type refuses
             cause = error.__cause__
             key = getattr(cause, "full_key", None)
@@ -205,6 +205,9 @@ class PruneConfig:
     end: float = 0.8
     frequency: int = 100  # steps between mask updates
     structured_2_4: bool = False  # 2:4 structured sparsity (50%) instead of the schedule
+    # layer (channel): an MLflow run id of `python -m src.sensitivity`; per-layer rates reaching
+    # `rate` overall, the least sensitive layers pruned hardest
+    rates_from: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.method in ("none", "flat", "layer", "tfmot"), "prune.method",
@@ -220,6 +223,8 @@ class PruneConfig:
                "must name at least one layer type")
         _check(self.finetune_epochs >= 0, "prune.finetune_epochs", "must be >= 0")
         _check(self.finetune_lr > 0, "prune.finetune_lr", "must be > 0")
+        _check(not self.rates_from or self.method in ("layer", "channel"), "prune.rates_from",
+               f"per-layer rates need prune=layer, not {self.method!r}")
         if self.method == "tfmot":
             self._check_tfmot()
 
@@ -247,6 +252,7 @@ class QuantConfig:
     mode: str = "none"
     representative_samples: int = 256  # int8: calibration images, a seeded random subset
     integer_io: bool = False  # int8: int8 input and output tensors too
+    sparse_encoding: bool = False  # store sparse weights compressed in the .tflite
 
     def __post_init__(self) -> None:
         _check(self.mode in ("none", "dynamic", "int8", "float16"), "quant.mode",
