@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from src.config import ConfigError, ModelConfig, PruneConfig, QuantConfig
+from src.config import ConfigError, ModelConfig, PruneConfig, QuantConfig, settings_from
 from src.keras_env import keras
 from src.models import build
 from src.prune.channel import choose_channels, rebuild, remove_channels
@@ -82,6 +82,15 @@ def test_groups_tie_residual_adds_and_pin_the_head():
     assert ("stage2_b_conv", "stage2_shortcut") in groups  # the shortcut is cut with the add
     assert ("stage1_b_conv", "stem_conv") in groups  # identity shortcut: stem joins stage 1
     assert groups[("predictions",)].pinned
+
+
+@pytest.mark.parametrize("override, key", [
+    ("prune.criterion=l3", "prune.criterion"), ("prune.scope=net", "prune.scope"),
+    ("prune.min_channels=0", "prune.min_channels"), ("prune.rate=1.0", "prune.rate"),
+    ("prune.magnitude_rate=1.0", "prune.magnitude_rate")])
+def test_bad_channel_settings_are_refused_by_key(make_cfg, override, key):
+    with pytest.raises(ConfigError, match=key):
+        settings_from(make_cfg("prune=channel", override))
 
 
 def test_min_channels_that_make_the_rate_unreachable_is_refused():
