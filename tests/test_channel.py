@@ -180,6 +180,16 @@ def test_exported_tflite_shrinks_by_the_removed_weights(mode, bytes_per_weight):
     assert removed * bytes_per_weight * 0.95 < saved < removed * bytes_per_weight * 1.3
 
 
+def test_sequential_and_saved_models_are_pruned_too(tmp_path):
+    model = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(8, 3),
+                              layers.BatchNormalization(), layers.ReLU(),
+                              layers.GlobalAveragePooling2D(), layers.Dense(2)])
+    model.save(tmp_path / "model.h5")
+    for candidate in (model, keras.models.load_model(tmp_path / "model.h5")):
+        smaller = remove_channels(candidate, channel_config(rate=0.5))
+        assert [layer.output.shape[-1] for layer in smaller.layers[1:]] == [4, 4, 4, 4, 2]
+
+
 @pytest.mark.parametrize("bad", ["lambda", "separable", "grouped", "nested"])
 def test_unsupported_layers_are_refused_by_name(bad):
     inputs = keras.Input((8, 8, 3))
