@@ -208,9 +208,15 @@ class PruneConfig:
     # layer (channel): an MLflow run id of `python -m src.sensitivity`; per-layer rates reaching
     # `rate` overall, the least sensitive layers pruned hardest
     rates_from: str | None = None
+    # channel: remove whole filters and rebuild a smaller dense model
+    criterion: str = "l1"  # l1 | l2 norm of each filter
+    bn_scale: bool = True  # times |gamma| of the BatchNorm after it
+    scope: str = "global"  # global: one threshold over group-normalised scores | layer: per group
+    min_channels: int = 4  # channels every group keeps at least
+    magnitude_rate: float = 0.0  # > 0: then flat magnitude pruning, held while fine-tuning
 
     def __post_init__(self) -> None:
-        _check(self.method in ("none", "flat", "layer", "tfmot"), "prune.method",
+        _check(self.method in ("none", "flat", "layer", "tfmot", "channel"), "prune.method",
                f"unknown method {self.method!r}")
         _check_fraction(self.rate, "prune.rate", high_open=True)
         _check_fraction(self.min_density, "prune.min_density")
@@ -227,6 +233,8 @@ class PruneConfig:
                f"per-layer rates need prune=layer, not {self.method!r}")
         if self.method == "tfmot":
             self._check_tfmot()
+        if self.method == "channel":
+            self._check_channel()
 
     def _check_tfmot(self) -> None:
         _check(self.schedule in ("polynomial_decay", "constant"), "prune.schedule",
@@ -244,6 +252,15 @@ class PruneConfig:
         _check("DepthwiseConv2D" not in self.layer_types, "prune.layer_types",
                "tfmot leaves DepthwiseConv2D kernels dense; remove it from the list")
 
+    def _check_channel(self) -> None:
+        _check(self.criterion in ("l1", "l2"), "prune.criterion",
+               f"must be l1 or l2, got {self.criterion!r}")
+        _check(self.scope in ("global", "layer"), "prune.scope",
+               f"must be global or layer, got {self.scope!r}")
+        _check(self.min_channels >= 1, "prune.min_channels",
+               f"must be >= 1, got {self.min_channels}")
+        _check_fraction(self.magnitude_rate, "prune.magnitude_rate", high_open=True)
+
 # ---------------------------------------------------------------------------- quant
 @dataclass
 class QuantConfig:
@@ -258,6 +275,27 @@ class QuantConfig:
         _check(self.mode in ("none", "dynamic", "int8", "float16"), "quant.mode",
                f"unknown mode {self.mode!r}")
         _check(self.representative_samples >= 1, "quant.representative_samples", "must be >= 1")
+
+
+# -------------------------------------------------------------------------- measure
+@dataclass
+class MeasureConfig:
+    """How the exported model's latency is measured (LiteRT, batch 1)."""
+
+    latency_threads: int = 1
+    latency_warmup: int = 10
+    latency_runs: int = 30
+    latency_repeats: int = 5
+
+    def __post_init__(self) -> None:
+        _check(self.latency_threads >= 1, "measure.latency_threads",
+               f"must be >= 1, got {self.latency_threads}")
+        _check(self.latency_warmup >= 0, "measure.latency_warmup",
+               f"must be >= 0, got {self.latency_warmup}")
+        _check(self.latency_runs >= 1, "measure.latency_runs",
+               f"must be >= 1, got {self.latency_runs}")
+        _check(self.latency_repeats >= 1, "measure.latency_repeats",
+               f"must be >= 1, got {self.latency_repeats}")
 
 
 # ------------------------------------------------------------------ tracking, paths
@@ -297,6 +335,7 @@ class Settings:
     quant: QuantConfig
     tracking: TrackingConfig
     objective: str = "accuracy_per_mb"
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
 
     def __post_init__(self) -> None:
         _check(self.objective in OBJECTIVES, "objective",
@@ -312,6 +351,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "prune": PruneConfig,
     "quant": QuantConfig,
     "tracking": TrackingConfig,
+    "measure": MeasureConfig,
 }
 
 

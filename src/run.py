@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from src import baseline, data, measure, quantize, tracking, units
+from src import baseline, data, measure, quantize, speed, tracking, units
 from src.config import ConfigError, Settings, register_resolvers, settings_from
 from src.data import DataError
 from src.keras_env import keras
@@ -66,6 +66,9 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         out_dir = Path(settings.paths.output_dir) / "exports" / active.info.run_id
         metrics, files = export_and_measure(result.model, settings, dataset, out_dir, clock)
         (out_dir / "config.yaml").write_text(config_yaml)
+        for name, text in result.artifacts.items():  # e.g. the channel table
+            (out_dir / name).write_text(text)
+            files.append(out_dir / name)
         metrics["baseline_test_accuracy"] = base.test_accuracy
         metrics.update({f"{phase}_seconds": seconds for phase, seconds in clock.totals().items()})
         tracking.log_metrics(metrics)
@@ -103,12 +106,19 @@ def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dat
         }
     with clock("evaluate"):
         tflite_accuracy = quantize.evaluate_tflite(flatbuffer, dataset.x_test, dataset.y_test)
+        m = settings.measure
+        latency = speed.tflite_latency(flatbuffer, m.latency_threads, m.latency_warmup,
+                                       m.latency_runs, m.latency_repeats)
     metrics = {
         "test_accuracy": test_accuracy,
         "tflite_accuracy": tflite_accuracy,
         **sparsity,
         **sizes,
         "accuracy_per_mb": tflite_accuracy / (sizes["tflite_zip_bytes"] / units.MB),
+        "tflite_latency_ms": latency.median_ms,
+        "tflite_latency_p90_ms": latency.p90_ms,
+        "macs": speed.tflite_macs(flatbuffer),
+        "params": speed.params(model),
     }
     return metrics, [tflite_file, table]
 

@@ -1,4 +1,4 @@
-"""Weight pruning, one module per method: magnitude (flat, layer) and tfmot."""
+"""Weight pruning, one module per method: magnitude (flat, layer), tfmot and channel."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from src.config import PruneConfig, TrainConfig
 from src.data import Dataset
 from src.keras_env import keras
+from src.prune.channel import prune_channel
 from src.prune.common import KERNEL_ATTRIBUTE, PruneResult, prunable_kernels
 from src.prune.magnitude import flat_masks, layer_masks, prune_magnitude
 from src.prune.tfmot import prune_tfmot, tfmot_schedule_steps
@@ -14,7 +15,8 @@ from src.prune.tfmot import prune_tfmot, tfmot_schedule_steps
 __all__ = ["KERNEL_ATTRIBUTE", "PruneResult", "flat_masks", "layer_masks", "prunable_kernels",
            "prune", "tfmot_schedule_steps"]
 
-METHODS = {"flat": prune_magnitude, "layer": prune_magnitude, "tfmot": prune_tfmot}
+METHODS = {"flat": prune_magnitude, "layer": prune_magnitude, "tfmot": prune_tfmot,
+           "channel": prune_channel}
 
 
 def prune(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg: TrainConfig,

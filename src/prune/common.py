@@ -13,11 +13,15 @@ KERNEL_ATTRIBUTE = {"Conv2D": "kernel", "Dense": "kernel", "DepthwiseConv2D": "d
 
 @dataclass
 class PruneResult:
-    """The pruned model, its fine-tuning history and the schedule in steps (tfmot)."""
+    """The pruned model, its fine-tuning history, the schedule in steps (tfmot) and files to log.
+
+    artifacts maps a file name to its text (e.g. channel pruning's per-layer table).
+    """
 
     model: keras.Model
     history: dict = field(default_factory=dict)
     schedule_steps: dict = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
 
 
 def prunable_kernels(

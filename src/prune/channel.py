@@ -1,0 +1,182 @@
+"""Channel pruning: remove whole output channels and rebuild a physically smaller dense model.
+
+The groups of layers whose channels change together come from src.prune.graph. Each group is
+scored per channel, the lowest channels are removed (one threshold over all groups, or the same
+fraction in each), and the functional model is rebuilt from its config with the new widths,
+the surviving weights copied over. Unlike magnitude sparsity, this shrinks the raw .tflite
+file and the multiply-accumulates, so it runs faster on any interpreter.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from src.config import ConfigError, PruneConfig, TrainConfig
+from src.data import Dataset
+from src.keras_env import keras
+from src.prune.common import PruneResult
+from src.prune.graph import ChannelGraph, ChannelGroup, build_graph
+from src.prune.magnitude import prune_magnitude
+from src.train import fit
+
+TABLE_NAME = "channels_per_layer.csv"
+
+
+def filter_norms(kernel: np.ndarray, axis: int, criterion: str) -> np.ndarray:
+    """Returns the L1 or L2 norm of each slice of kernel along axis (one per channel)."""
+    moved = np.moveaxis(np.abs(kernel.astype(np.float64)), axis, 0).reshape(kernel.shape[axis], -1)
+    return moved.sum(axis=1) if criterion == "l1" else np.sqrt((moved ** 2).sum(axis=1))
+
+
+def group_scores(model: keras.Model, graph: ChannelGraph, group: ChannelGroup, criterion: str,
+                 bn_scale: bool) -> np.ndarray:
+    """Returns one importance score per channel of the group, summed over its members.
+
+    Members are the group's Conv2D/Dense filters and the DepthwiseConv2D kernels it feeds,
+    each times the |gamma| of the BatchNorm reading it (bn_scale). Each member's scores are
+    divided by their mean first, so a 1x1 shortcut counts as much as a 3x3 conv.
+    """
+    total = np.zeros(group.size)
+    members = [(name, -1) for name in group.producers] + [(name, 2) for name in group.depthwise]
+    for name, axis in members:
+        layer = model.get_layer(name)
+        kernel = (layer.depthwise_kernel if axis == 2 else layer.kernel).numpy()
+        score = filter_norms(kernel, axis % kernel.ndim, criterion)
+        bn = graph.bn_after.get(name)
+        if bn_scale and bn and model.get_layer(bn).gamma is not None:
+            score = score * np.abs(model.get_layer(bn).gamma.numpy())
+        mean = score.mean()
+        total += score / mean if mean > 0 else score
+    return total
+
+
+def keep_masks(scores: dict[int, np.ndarray], rate: float, scope: str,
+               min_channels: int) -> dict[int, np.ndarray]:
+    """Returns a boolean keep mask per group removing the lowest-scoring channels.
+
+    global: exactly round(rate * all channels) removed under one threshold over scores divided
+    by their group's mean; layer: round(rate * n) in each group. Each group keeps at least
+    min(min_channels, n) channels; global raises ConfigError when that makes rate unreachable.
+    """
+    ranked = {}
+    for root, score in scores.items():
+        normalised = score / score.mean() if score.mean() > 0 else score.copy()
+        order = np.argsort(normalised, kind="stable")  # lowest first; ties by channel index
+        protected = min(min_channels, len(score))
+        ranked[root] = (normalised, order[: len(score) - protected])
+    if scope == "layer":
+        return {root: _drop(len(scores[root]),
+                            order[: min(round(rate * len(scores[root])), len(order))])
+                for root, (_, order) in ranked.items()}
+    total = sum(len(score) for score in scores.values())
+    n_remove = round(rate * total)
+    candidates = [(normalised[c], root, c) for root, (normalised, order) in ranked.items()
+                  for c in order]
+    if n_remove > len(candidates):
+        raise ConfigError(f"prune.min_channels: keeping {min_channels} channels per group leaves "
+                          f"{len(candidates)} of {total} removable, fewer than prune.rate {rate}")
+    candidates.sort(key=lambda item: (item[0], item[1], item[2]))
+    removed: dict[int, list[int]] = {root: [] for root in scores}
+    for _, root, channel in candidates[:n_remove]:
+        removed[root].append(channel)
+    return {root: _drop(len(scores[root]), removed[root]) for root in scores}
+
+
+def _drop(size: int, channels: Sequence[int]) -> np.ndarray:
+    keep = np.ones(size, dtype=bool)
+    keep[list(channels)] = False
+    return keep
+
+
+def choose_channels(model: keras.Model, graph: ChannelGraph, cfg: PruneConfig,
+                    ) -> dict[int, np.ndarray]:
+    """Returns keep masks for every prunable group of the model, as cfg asks."""
+    groups = [g for g in graph.groups().values() if not g.pinned and g.producers]
+    if not groups:
+        raise ConfigError("prune.method: the model has no channels that channel pruning may "
+                          "remove (only the input and output channels)")
+    scores = {g.root: group_scores(model, graph, g, cfg.criterion, cfg.bn_scale) for g in groups}
+    return keep_masks(scores, cfg.rate, cfg.scope, cfg.min_channels)
+
+
+def rebuild(model: keras.Model, graph: ChannelGraph, keep: dict[int, np.ndarray]) -> keras.Model:
+    """Returns a new functional model with only the kept channels, surviving weights copied."""
+    config = copy.deepcopy(model.get_config())
+    for spec in config["layers"]:
+        name = spec["name"]
+        if graph.kinds[name] in ("Conv2D", "Dense"):
+            width = int(graph.mask(graph.outputs[name], keep).sum())
+            spec["config"]["filters" if graph.kinds[name] == "Conv2D" else "units"] = width
+    smaller = keras.Model.from_config(config)
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if weights:
+            smaller.get_layer(layer.name).set_weights(
+                _sliced(graph, layer.name, weights, keep))
+    return smaller
+
+
+def _sliced(graph: ChannelGraph, name: str, weights: list[np.ndarray],
+            keep: dict[int, np.ndarray]) -> list[np.ndarray]:
+    """Returns a layer's weights cut to the kept input and output channels."""
+    kind = graph.kinds[name]
+    into = graph.mask(graph.inputs[name], keep)
+    if kind in ("Conv2D", "Dense"):
+        out = graph.mask(graph.outputs[name], keep)
+        kernel = weights[0][..., into, :][..., out]
+        return [kernel, *(bias[out] for bias in weights[1:])]
+    if kind == "DepthwiseConv2D":
+        return [weights[0][:, :, into, :], *(bias[into] for bias in weights[1:])]
+    if kind == "BatchNormalization":
+        return [w[into] for w in weights]
+    raise AssertionError(f"layer {name} ({kind}) has weights but no channel rule")
+
+
+def channel_table(before: keras.Model, after: keras.Model) -> str:
+    """Returns CSV rows (layer, type, channels and params before/after) for layers with weights."""
+    lines = ["layer,type,channels_before,channels_after,params_before,params_after"]
+    for layer in before.layers:
+        if not layer.weights:
+            continue
+        new = after.get_layer(layer.name)
+        lines.append(f"{layer.name},{type(layer).__name__},{layer.output.shape[-1]},"
+                     f"{new.output.shape[-1]},{layer.count_params()},{new.count_params()}")
+    lines.append(f"total,,,,{before.count_params()},{after.count_params()}")
+    return "\n".join(lines) + "\n"
+
+
+def remove_channels(model: keras.Model, cfg: PruneConfig) -> keras.Model:
+    """Returns the physically smaller model with cfg.rate of its prunable channels removed."""
+    if isinstance(model, keras.Sequential):
+        model = keras.Model(model.inputs, model.outputs)  # the same layers, as a graph
+    graph = build_graph(model)
+    return rebuild(model, graph, choose_channels(model, graph, cfg))
+
+
+def prune_channel(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg: TrainConfig,
+                  callbacks: Sequence[keras.callbacks.Callback] = (),
+                  distill=None) -> PruneResult:
+    """Returns the channel-pruned model, fine-tuned and magnitude-pruned as configured.
+
+    With prune.magnitude_rate > 0, flat magnitude masks are applied right after the channels
+    are removed and the same fine-tuning (prune.finetune_epochs) holds them, so the run has
+    one fine-tuning phase.
+    """
+    smaller = remove_channels(model, cfg)
+    artifacts = {TABLE_NAME: channel_table(model, smaller)}
+    extra = {"distill": distill} if distill is not None else {}  # until fit takes it everywhere
+    if cfg.magnitude_rate > 0:
+        flat = dataclasses.replace(cfg, method="flat", rate=cfg.magnitude_rate)
+        result = prune_magnitude(smaller, flat, data, train_cfg, callbacks, **extra)
+        return dataclasses.replace(result, artifacts=artifacts)
+    history = {}
+    if cfg.finetune_epochs:
+        history = fit(smaller, data.x_train, data.y_train, data.x_val, data.y_val,
+                      data.num_classes, train_cfg, epochs=cfg.finetune_epochs,
+                      lr=cfg.finetune_lr, warmup_epochs=0, callbacks=list(callbacks), **extra)
+    return PruneResult(smaller, history, {}, artifacts)
+

@@ -1,0 +1,246 @@
+"""Channel pruning: the right widths, every dependency rewired, smaller files, clear refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from src.config import ConfigError, ModelConfig, PruneConfig, QuantConfig, settings_from
+from src.keras_env import keras
+from src.models import build
+from src.prune.channel import choose_channels, rebuild, remove_channels
+from src.prune.graph import build_graph
+from src.quantize import to_tflite
+from src.run import run
+from tests.conftest import runs_of
+
+layers = keras.layers
+
+TINY_MODELS = {
+    "resnet8": ModelConfig(name="resnet8", filters=[4, 8, 8]),
+    "mobilenetv2_cifar": ModelConfig(name="mobilenetv2_cifar", alpha=0.35),
+    "mobilenetv2": ModelConfig(name="mobilenetv2", alpha=0.35, input_size=32),
+}
+CHANNELED = ("Conv2D", "DepthwiseConv2D", "BatchNormalization", "Dense")
+
+
+def channel_config(**changes) -> PruneConfig:
+    return PruneConfig(**{"method": "channel", "rate": 0.5, "min_channels": 1, **changes})
+
+
+def randomise_batchnorms(model: keras.Model, seed: int = 0) -> None:
+    """Gives every BatchNorm non-trivial gamma, beta and moving statistics."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n),
+                               rng.normal(0, 0.1, n), rng.uniform(0.5, 1.5, n)])
+
+
+def widths(model: keras.Model) -> dict[str, int]:
+    return {layer.name: layer.output.shape[-1] for layer in model.layers
+            if type(layer).__name__ in CHANNELED}
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_layer_scope_gives_the_expected_width_of_every_layer(name):
+    model = build(TINY_MODELS[name], 10)
+    rate, min_channels = 0.5, 4
+    smaller = remove_channels(model, channel_config(scope="layer", rate=rate,
+                                                    min_channels=min_channels))
+    expected = {}
+    for layer, n in widths(model).items():
+        # Every group loses the same fraction; the head keeps its classes.
+        expected[layer] = n if layer == "predictions" else n - min(round(rate * n),
+                                                                   max(n - min_channels, 0))
+    assert widths(smaller) == expected
+    assert smaller.output.shape[-1] == 10 and smaller.input.shape == model.input.shape
+
+
+def test_global_scope_removes_exactly_the_rate_and_the_weakest_channels():
+    model = build(TINY_MODELS["resnet8"], 10)
+    graph = build_graph(model)
+    # stage3_a is its own group: make its channels 0..7 ever stronger, and channel 5 the weakest.
+    kernel = model.get_layer("stage3_a_conv").kernel
+    strength = np.arange(1, 9, dtype=np.float32)
+    strength[5] = 1e-3
+    kernel.assign(np.ones(kernel.shape, np.float32) * strength)
+    keep = choose_channels(model, graph, channel_config(rate=0.5))
+    groups = {g.root: g for g in graph.groups().values()}
+    total = sum(groups[root].size for root in keep)
+    assert sum(int((~mask).sum()) for mask in keep.values()) == round(0.5 * total)
+    (stage3_a,) = [mask for root, mask in keep.items() if groups[root].producers == [
+        "stage3_a_conv"]]
+    assert not stage3_a[5] and stage3_a[7]
+    assert all(mask.sum() >= 1 for mask in keep.values())
+
+
+def test_groups_tie_residual_adds_and_pin_the_head():
+    graph = build_graph(build(TINY_MODELS["resnet8"], 10))
+    groups = {tuple(sorted(g.producers)): g for g in graph.groups().values() if g.producers}
+    assert ("stage2_b_conv", "stage2_shortcut") in groups  # the shortcut is cut with the add
+    assert ("stage1_b_conv", "stem_conv") in groups  # identity shortcut: stem joins stage 1
+    assert groups[("predictions",)].pinned
+
+
+@pytest.mark.parametrize("override, key", [
+    ("prune.criterion=l3", "prune.criterion"), ("prune.scope=net", "prune.scope"),
+    ("prune.min_channels=0", "prune.min_channels"), ("prune.rate=1.0", "prune.rate"),
+    ("prune.magnitude_rate=1.0", "prune.magnitude_rate")])
+def test_bad_channel_settings_are_refused_by_key(make_cfg, override, key):
+    with pytest.raises(ConfigError, match=key):
+        settings_from(make_cfg("prune=channel", override))
+
+
+def test_min_channels_that_make_the_rate_unreachable_is_refused():
+    model = build(TINY_MODELS["resnet8"], 10)
+    with pytest.raises(ConfigError, match="prune.min_channels"):
+        remove_channels(model, channel_config(rate=0.9, min_channels=4))
+
+
+def zero_removed_channels(model: keras.Model, graph, keep) -> None:
+    """Zeros, in the original model, every channel the rebuild will remove.
+
+    Each layer is zeroed by its own output channels (filter and bias, BatchNorm gamma and
+    beta, depthwise kernel), so the outputs only match if the rebuild drops the very same
+    input rows in every consumer.
+    """
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind not in CHANNELED:
+            continue
+        gone = ~graph.mask(graph.outputs[layer.name], keep)
+        weights = layer.get_weights()
+        if kind == "BatchNormalization":
+            gamma, beta, mean, var = weights
+            gamma[gone], beta[gone], mean[gone], var[gone] = 0, 0, 0, 1  # output exactly 0
+            weights = [gamma, beta, mean, var]
+        elif kind == "DepthwiseConv2D":
+            weights[0][:, :, gone, :] = 0
+        else:
+            weights[0][..., gone] = 0
+        for bias in weights[1:] if kind != "BatchNormalization" else []:
+            bias[gone] = 0
+        layer.set_weights(weights)
+
+
+def concat_flatten_model() -> keras.Model:
+    """A model with a concatenation, a BatchNorm and depthwise conv on it, and Flatten -> Dense."""
+    inputs = keras.Input((8, 8, 3))
+    a = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(6, 3, padding="same")(inputs)))
+    b = layers.BatchNormalization()(layers.Conv2D(4, 1)(inputs))
+    x = layers.Concatenate()([a, b])
+    x = layers.BatchNormalization()(layers.DepthwiseConv2D(3, padding="same")(x))
+    x = layers.MaxPooling2D()(layers.Conv2D(5, 3, padding="same")(x))
+    x = layers.Dense(7, activation="relu")(layers.Flatten()(x))
+    return keras.Model(inputs, layers.Dense(3)(layers.Dropout(0.1)(x)))
+
+
+@pytest.mark.parametrize("name", [*TINY_MODELS, "concat_flatten"])
+def test_rebuild_equals_the_original_with_removed_channels_zeroed(name):
+    model = concat_flatten_model() if name == "concat_flatten" else build(TINY_MODELS[name], 10)
+    for layer in model.layers:  # non-zero biases, so a wrongly kept bias would show
+        if type(layer).__name__ in ("Conv2D", "Dense") and layer.use_bias:
+            layer.bias.assign(np.random.default_rng(1).normal(0, 0.1, layer.bias.shape))
+    randomise_batchnorms(model)
+    graph = build_graph(model)
+    keep = choose_channels(model, graph, channel_config(rate=0.5))
+    zero_removed_channels(model, graph, keep)
+    smaller = rebuild(model, graph, keep)
+    assert smaller.count_params() < model.count_params()
+    size = model.input.shape[1]
+    x = np.random.default_rng(2).uniform(0, 255, (4, size, size, 3)).astype(np.float32)
+    np.testing.assert_allclose(smaller(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def removed_weights(before: keras.Model, after: keras.Model) -> int:
+    """Returns the kernel and bias values a TFLite export loses (BatchNorm folds into biases)."""
+    def stored(model):
+        total = 0
+        for layer in model.layers:
+            kind = type(layer).__name__
+            if kind in ("Conv2D", "Dense", "DepthwiseConv2D"):
+                total += layer.weights[0].shape.num_elements() + layer.output.shape[-1]
+        return total
+    return stored(before) - stored(after)
+
+
+@pytest.mark.parametrize("mode, bytes_per_weight", [("none", 4), ("float16", 2), ("int8", 1)])
+def test_exported_tflite_shrinks_by_the_removed_weights(mode, bytes_per_weight):
+    model = build(ModelConfig(name="resnet8", filters=[16, 32, 64]), 10)
+    smaller = remove_channels(model, channel_config(rate=0.5, min_channels=4))
+    calibration = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32)
+    quant = QuantConfig(mode=mode, representative_samples=8)
+    dense, pruned = to_tflite(model, quant, calibration), to_tflite(smaller, quant, calibration)
+    saved = len(dense) - len(pruned)
+    removed = removed_weights(model, smaller)
+    assert len(pruned) < len(dense)
+    # int8 keeps biases in int32 and per-channel scales, so it saves a little more per weight.
+    assert removed * bytes_per_weight * 0.95 < saved < removed * bytes_per_weight * 1.3
+
+
+def test_sequential_and_saved_models_are_pruned_too(tmp_path):
+    model = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(8, 3),
+                              layers.BatchNormalization(), layers.ReLU(),
+                              layers.GlobalAveragePooling2D(), layers.Dense(2)])
+    model.save(tmp_path / "model.h5")
+    for candidate in (model, keras.models.load_model(tmp_path / "model.h5")):
+        smaller = remove_channels(candidate, channel_config(rate=0.5))
+        assert [layer.output.shape[-1] for layer in smaller.layers[1:]] == [4, 4, 4, 4, 2]
+
+
+@pytest.mark.parametrize("bad", ["lambda", "separable", "grouped", "nested"])
+def test_unsupported_layers_are_refused_by_name(bad):
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(8, 3, name="conv")(inputs)
+    if bad == "lambda":
+        x = layers.Lambda(lambda t: t * 2, name="double")(x)
+    elif bad == "separable":
+        x = layers.SeparableConv2D(8, 3, name="sep")(x)
+    elif bad == "grouped":
+        x = layers.Conv2D(8, 3, groups=2, name="grouped")(x)
+    else:
+        inner = keras.Sequential([layers.Conv2D(8, 1)], name="inner")
+        x = inner(x)
+    model = keras.Model(inputs, layers.Dense(2)(layers.GlobalAveragePooling2D()(x)))
+    expected = {"lambda": "'double' (Lambda)", "separable": "'sep' (SeparableConv2D)",
+                "grouped": "'grouped' (Conv2D with groups=2)", "nested": "'inner' (Sequential)"}
+    with pytest.raises(ConfigError, match=r"prune.method: channel pruning cannot handle layer "
+                                          + expected[bad].replace("(", r"\(").replace(")", r"\)")):
+        remove_channels(model, channel_config())
+
+
+def test_channel_run_is_smaller_and_logs_its_table(make_cfg):
+    dense = run(make_cfg("prune=none", "model.filters=[8,16,16]"))
+    cfg = make_cfg("prune=channel", "prune.rate=0.5", "prune.finetune_epochs=1",
+                   "model.filters=[8,16,16]", "prune.min_channels=2")
+    pruned = run(cfg)
+    tracked = runs_of(cfg)[0]
+    assert tracked.info.status == "FINISHED"
+    assert pruned["params"] < dense["params"] and pruned["macs"] < dense["macs"]
+    assert pruned["tflite_bytes"] < dense["tflite_bytes"]
+    assert tracked.data.metrics["macs"] == pruned["macs"]
+    assert "finetune_val_accuracy" in tracked.data.metrics
+    files = tracked.info.artifact_uri.removeprefix("file://")
+    table = open(f"{files}/channels_per_layer.csv").read().splitlines()
+    assert table[0] == "layer,type,channels_before,channels_after,params_before,params_after"
+    rows = {line.split(",")[0]: line.split(",") for line in table[1:]}
+    assert int(rows["stage3_a_conv"][3]) < int(rows["stage3_a_conv"][2])
+    assert rows["predictions"][2] == rows["predictions"][3]
+    assert int(rows["total"][5]) == pruned["params"]
+
+
+def test_channel_then_magnitude_in_one_run(make_cfg):
+    cfg = make_cfg("prune=channel", "prune.rate=0.5", "prune.min_channels=2",
+                   "prune.magnitude_rate=0.6", "prune.finetune_epochs=1")
+    metrics = run(cfg)
+    assert abs(metrics["sparsity_global"] - 0.6) < 0.01  # the flat masks held while fine-tuning
+    assert "channels_per_layer.csv" in {a.path for a in _artifacts(cfg)}
+
+
+def _artifacts(cfg):
+    import mlflow
+
+    tracked = runs_of(cfg)[0]
+    return mlflow.MlflowClient(cfg.tracking.uri).list_artifacts(tracked.info.run_id)

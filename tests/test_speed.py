@@ -1,0 +1,103 @@
+"""Latency and MACs of the exported model: counted right, measured for every run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from src import speed
+from src.config import ConfigError, ModelConfig, QuantConfig, settings_from
+from src.keras_env import keras
+from src.models import build
+from src.quantize import to_tflite
+from src.run import run
+from tests.conftest import runs_of
+
+layers = keras.layers
+MODES = ("none", "dynamic", "int8", "float16")
+
+
+def keras_macs(model: keras.Model) -> int:
+    """Returns the model's multiply-accumulates counted from its Keras layers, independently."""
+    total = 0
+    for layer in model.layers:
+        kind, per_item = type(layer).__name__, math.prod(layer.output.shape[1:] or [0])
+        if kind == "Conv2D":
+            total += per_item * math.prod(layer.kernel.shape[:3])
+        elif kind == "DepthwiseConv2D":
+            total += per_item * math.prod(layer.depthwise_kernel.shape[:2])
+        elif kind == "Dense":
+            total += per_item * layer.kernel.shape[0]
+    return total
+
+
+def small_model() -> keras.Model:
+    inputs = keras.Input((12, 12, 3))
+    x = layers.Conv2D(6, 3, strides=2, padding="same")(inputs)
+    x = layers.DepthwiseConv2D(3)(layers.BatchNormalization()(x))
+    x = layers.Conv2D(5, 1)(x)
+    x = layers.Dense(4)(layers.Flatten()(x))
+    return keras.Model(inputs, layers.Dense(3, activation="softmax")(x))
+
+
+def calibration(size: int) -> np.ndarray:
+    return np.random.default_rng(0).uniform(0, 255, (8, size, size, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_macs_from_the_tflite_graph_match_the_keras_layers(mode):
+    model = small_model()
+    flatbuffer = to_tflite(model, QuantConfig(mode=mode, representative_samples=8),
+                           calibration(12))
+    # 6x6x6x27 + 4x4x6x9 + 4x4x5x6 + 4x80 + 3x4
+    assert speed.tflite_macs(flatbuffer) == keras_macs(model) == 5832 + 864 + 480 + 320 + 12
+
+
+def test_resnet8_has_the_mlperf_tiny_macs():
+    model = build(ModelConfig(name="resnet8"), 10)
+    flatbuffer = to_tflite(model, QuantConfig(mode="none"), calibration(32))
+    assert speed.tflite_macs(flatbuffer) == keras_macs(model)
+    assert 12.4e6 < speed.tflite_macs(flatbuffer) < 12.6e6  # MLPerf Tiny: 12.5 M MACs
+    assert speed.params(model) == model.count_params()
+
+
+def test_latency_counts_its_runs_and_a_heavy_model_is_slower():
+    light = to_tflite(small_model(), QuantConfig(mode="none"), calibration(12))
+    heavy = to_tflite(build(ModelConfig(name="resnet8", filters=[32, 64, 128]), 10),
+                      QuantConfig(mode="none"), calibration(32))
+    stats = speed.tflite_latency(light, warmup=2, runs=7, repeats=3)
+    assert stats.runs == 21 and 0 < stats.median_ms and 0 < stats.p90_ms
+    both = speed.compare_latency({"light": light, "heavy": heavy}, warmup=2, runs=10, repeats=3)
+    assert both["light"].runs == both["heavy"].runs == 30
+    # Thousands of times the MACs: interleaved, the heavy model is slower even on a busy machine.
+    assert both["heavy"].median_ms > 3 * both["light"].median_ms
+
+
+def test_latency_of_an_int8_model_with_integer_input():
+    flatbuffer = to_tflite(small_model(), QuantConfig(mode="int8", representative_samples=8,
+                                                      integer_io=True), calibration(12))
+    assert speed.tflite_latency(flatbuffer, warmup=1, runs=3, repeats=1).runs == 3
+
+
+@pytest.mark.parametrize("key, value", [("latency_runs", 0), ("latency_threads", 0),
+                                        ("latency_repeats", 0), ("latency_warmup", -1)])
+def test_bad_measure_settings_are_refused_by_key(make_cfg, key, value):
+    with pytest.raises(ConfigError, match=f"measure.{key}"):
+        settings_from(make_cfg(f"measure.{key}={value}"))
+
+
+def test_latency_and_macs_are_logged_for_every_quantization_mode(make_cfg):
+    macs = {}
+    for mode in MODES:  # one tmp_path: the dense baseline is trained once and reused
+        cfg = make_cfg(f"quant={mode}", "measure.latency_runs=5", "measure.latency_repeats=2",
+                       "measure.latency_warmup=1")
+        returned = run(cfg)
+        metrics = runs_of(cfg)[0].data.metrics
+        assert metrics["tflite_latency_ms"] == returned["tflite_latency_ms"] > 0
+        assert metrics["tflite_latency_p90_ms"] > 0
+        assert metrics["params"] > 0
+        macs[mode] = metrics["macs"]
+    model = build(ModelConfig(name="resnet8", filters=[4, 8, 8]), 4)
+    assert set(macs.values()) == {keras_macs(model)}  # quantization changes no MAC
