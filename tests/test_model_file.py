@@ -13,7 +13,7 @@ import pytest
 from src import baseline, data, model_file
 from src.config import PROJECT_ROOT, DataConfig
 from src.keras_env import keras
-from src.run import run
+from src.run import main, run
 from src.train import compile_model, ends_in_softmax
 from tests.conftest import TINY, compose_config, runs_of
 
@@ -265,17 +265,18 @@ def test_npz_data_end_to_end(make_cfg, files, tmp_path):
 
 
 # ------------------------------------------------------------------- the command line
-def cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+def cli(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "src.run", f"paths.root={tmp_path}", *TINY["data"],
+        [sys.executable, "-m", "src.run", *(["--multirun"] if multirun else []),
+         f"paths.root={tmp_path}", *TINY["data"],
          "train.verbose=0", *overrides],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def test_multirun_shares_one_loaded_baseline(files, tmp_path):
-    done = cli(tmp_path, "--multirun", "model=file", f"model.path={files['h5']}",
-               "prune=flat,layer", "prune.rate=0.3,0.5,0.7")
+    done = cli(tmp_path, "model=file", f"model.path={files['h5']}", "prune=flat,layer",
+               "prune.rate=0.3,0.5,0.7", multirun=True)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = runs_of(compose_config([f"paths.root={tmp_path}"]))
     assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
@@ -289,28 +290,43 @@ def test_multirun_shares_one_loaded_baseline(files, tmp_path):
     assert combos == {(m, r) for m in ("flat", "layer") for r in ("0.3", "0.5", "0.7")}
 
 
-@pytest.mark.parametrize(
-    "file,extra,expected",
-    [
-        ("missing", [], "model.path: {path} does not exist"),
-        ("not_a_model", [], "model.path: {path} is not a Keras model"),
-        ("truncated", [], "model.path: {path} "),
-        ("ten_outputs", [], "has outputs of shape (10,), but the data have 4 classes"),
-        ("five_channels", [], "model.path: {path} takes inputs of shape (None, 16, 16, 5)"),
-        ("lambda_h5", [], "layer 'sneaky' is a Lambda carrying Python code, refused"),
-        ("lambda_keras", [], "layer 'sneaky' is a Lambda carrying Python code, refused"),
-        ("custom", [], "layer 'my_scale' has class MyScale, not a built-in Keras layer"),
-    ],
-)
-def test_bad_model_file_fails_with_one_clear_line(files, tmp_path, file, extra, expected):
+BAD_FILES = [
+    ("missing", "model.path: {path} does not exist"),
+    ("not_a_model", "model.path: {path} is not a Keras model"),
+    ("truncated", "model.path: {path} is a truncated or corrupt HDF5 file"),
+    ("ten_outputs", "model.path: {path} has outputs of shape (10,), but the data have 4 classes"),
+    ("five_channels", "model.path: {path} takes inputs of shape (None, 16, 16, 5)"),
+    ("lambda_h5", "layer 'sneaky' is a Lambda carrying Python code, refused"),
+    ("lambda_keras", "layer 'sneaky' is a Lambda carrying Python code, refused"),
+    ("custom", "layer 'my_scale' has class MyScale, not a built-in Keras layer"),
+]
+
+
+def no_run_left_running(tmp_path: Path) -> bool:
+    if not (tmp_path / "mlruns" / "mlflow.db").exists():
+        return True
+    return all(r.info.status != "RUNNING"
+               for r in runs_of(compose_config([f"paths.root={tmp_path}"])))
+
+
+@pytest.mark.parametrize("file,expected", BAD_FILES, ids=[f for f, _ in BAD_FILES])
+def test_bad_model_file_ends_the_command_with_one_line(make_cfg, files, tmp_path, file,
+                                                       expected):
+    """Through main's own error path (in-process: a subprocess each would take minutes here)."""
     path = files.get(file, tmp_path / "nope.keras")
-    done = cli(tmp_path, "model=file", f"model.path={path}", *extra)
-    assert done.returncode == 1
-    lines = [line for line in done.stderr.splitlines()
-             if line.startswith("error: ") and expected.format(path=path) in line]
-    assert len(lines) == 1, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
+    with pytest.raises(SystemExit) as ended:  # SystemExit(str): printed, exit status 1
+        main.__wrapped__(make_cfg("model=file", f"model.path={path}"))
+    message = ended.value.code
+    assert isinstance(message, str) and "\n" not in message
+    assert message.startswith("error: ") and expected.format(path=path) in message
     assert not files["marker"].exists()  # the Lambda's code never ran
-    db = tmp_path / "mlruns" / "mlflow.db"
-    assert not db.exists() or all(r.info.status != "RUNNING"
-                                  for r in runs_of(compose_config([f"paths.root={tmp_path}"])))
+    assert no_run_left_running(tmp_path)
+
+
+def test_lambda_file_refused_on_the_command_line(files, tmp_path):
+    done = cli(tmp_path, "model=file", f"model.path={files['lambda_keras']}")
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: model.path:")]
+    assert len(lines) == 1 and "layer 'sneaky' is a Lambda" in lines[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and not files["marker"].exists()
+    assert no_run_left_running(tmp_path)
