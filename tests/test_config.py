@@ -7,8 +7,8 @@ import pytest
 from src.config import ConfigError, Settings, search_settings_from, settings_from
 
 GROUP_OPTIONS = {
-    "data": ["cifar10", "image_folder", "synthetic"],
-    "model": ["mobilenetv2", "mobilenetv2_cifar", "resnet8"],
+    "data": ["cifar10", "image_folder", "npz", "synthetic"],
+    "model": ["mobilenetv2", "mobilenetv2_cifar", "resnet8", "file"],
     "train": ["default"],
     "prune": ["none", "flat", "layer", "tfmot"],
     "quant": ["none", "dynamic", "int8", "float16"],
@@ -31,7 +31,8 @@ def test_group_options_match_conf_folder():
     "group,option", [(g, o) for g, options in GROUP_OPTIONS.items() for o in options]
 )
 def test_every_option_composes_and_validates(make_cfg, tmp_path, group, option):
-    extra = ["data.path=/some/folder"] if option == "image_folder" else []
+    extra = {"image_folder": ["data.path=/some/folder"], "npz": ["data.path=/some/x.npz"],
+             "file": ["model.path=/some/model.keras"]}.get(option, [])
     cfg = make_cfg(f"{group}={option}", *extra, tiny=False)
     settings = settings_from(cfg)
     assert isinstance(settings, Settings)

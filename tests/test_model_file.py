@@ -330,3 +330,52 @@ def test_lambda_file_refused_on_the_command_line(files, tmp_path):
     assert len(lines) == 1 and "layer 'sneaky' is a Lambda" in lines[0], done.stderr[-3000:]
     assert "Traceback" not in done.stderr and not files["marker"].exists()
     assert no_run_left_running(tmp_path)
+
+
+def layer_config(**fields) -> dict:
+    """Returns a stored model config with one Dense layer carrying the given fields."""
+    dense = {"class_name": "Dense", "config": {"name": "d", "units": 2, **fields}}
+    return {"class_name": "Functional", "config": {"name": "m", "layers": [dense]}}
+
+
+@pytest.mark.parametrize("config,expected", [
+    (layer_config(kernel_initializer={"module": "os", "class_name": "system", "config": {}}),
+     "layer 'd' names os.system, outside Keras; refused"),
+    (layer_config(activation={"class_name": "__lambda__", "config": {"code": "..."}}),
+     "layer 'd' is a Lambda carrying Python code, refused"),
+    ({"class_name": "Sequential", "config": {"layers": [
+        {"class_name": "TFOpLambda", "config": {"name": "w", "function": "io.write_file"}}]}},
+     "layer 'w' calls tf.io.write_file, refused"),
+    ({"class_name": "Sequential", "config": {"layers": [{"class_name": "Sequential", "config": {
+        "name": "inner", "layers": [{"class_name": "Evil", "config": {"name": "e"}}]}}]}},
+     "layer 'e' has class Evil, not a built-in Keras layer"),
+], ids=["foreign-module", "python-lambda", "io-op", "nested-unknown"])
+def test_stored_config_walk_refuses_code(config, expected):
+    with pytest.raises(model_file.ModelFileError, match=expected.replace(".", r"\.")):
+        model_file.check_config(config, Path("m.keras"), False, {}, None)
+
+
+def test_stored_config_walk_passes_builtins_and_trusted_code():
+    model_file.check_config(layer_config(activation="relu", kernel_initializer={
+        "module": "keras.initializers", "class_name": "GlorotUniform", "config": {}}),
+        Path("m.keras"), False, {}, None)
+    lam = {"class_name": "Sequential", "config": {"layers": [
+        {"class_name": "Lambda", "config": {"name": "l", "function": "..."}},
+        {"class_name": "TFOpLambda", "config": {"name": "t", "function": "math.add"}}]}}
+    model_file.check_config(lam, Path("m.h5"), True, {}, None)
+
+
+def test_model_settings_are_checked(tmp_path):
+    from src.config import ConfigError, ModelConfig, settings_from
+
+    def settings(*overrides):
+        return settings_from(compose_config([f"paths.root={tmp_path}", *overrides]))
+
+    with pytest.raises(ConfigError, match="model.input_scale: must be raw"):
+        settings("model=file", "model.path=m.keras", "model.input_scale=0to1")
+    with pytest.raises(ConfigError, match="model.input_scale: built-in models"):
+        ModelConfig(name="resnet8", input_scale="unit")
+    with pytest.raises(ConfigError, match="model.head: must be auto, softmax or logits"):
+        settings("model=file", "model.path=m.keras", "model.head=sigmoid")
+    with pytest.raises(ConfigError, match="model.path"):
+        settings("model=file")
