@@ -198,8 +198,8 @@ def _check_op(entry: dict, where: str) -> None:
     function = str((entry.get("config") or {}).get("function", ""))
     plain = "." not in function and function not in _OP_REFUSED
     if not (plain or function.startswith(_OP_NAMESPACES)):
-        raise ModelFileError(f"{where} calls tf.{function}, refused (only maths, nn and image "
-                             "ops are loaded)")
+        raise ModelFileError(f"{where} calls tf.{function}, refused (I/O and Python-callback "
+                             "ops are not loaded)")
 
 
 def _allowed_module(module: str, cls: str | None, entry: dict, custom: Mapping[str, Any],

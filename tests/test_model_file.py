@@ -235,6 +235,12 @@ def test_nested_model_is_pruned_inside(make_cfg, files):
     assert "backbone/c1" in text and "backbone/c2" in text and "head" in text
 
 
+def test_tfmot_prunes_inside_a_nested_model(make_cfg, files):
+    cfg = make_cfg("model=file", f"model.path={files['nested']}", "prune=tfmot",
+                   "prune.final_sparsity=0.5", "prune.finetune_epochs=1")
+    assert abs(run(cfg)["sparsity_global"] - 0.5) < 0.02
+
+
 def test_custom_objects_module_is_the_opt_in(files, monkeypatch):
     monkeypatch.syspath_prepend(str(files["custom"].parent))
     with pytest.raises(model_file.ModelFileError, match="has class MyScale"):
