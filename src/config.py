@@ -95,9 +95,11 @@ class DataConfig:
     n_test: int = 256
     noise: float = 0.6
     seed: int = 0
+    # image_folder, npz: class names in label order (default: sorted folder names; 0..n-1)
+    classes: list[str] | None = None
 
     def __post_init__(self) -> None:
-        _check(self.name in ("cifar10", "image_folder", "synthetic"), "data.name",
+        _check(self.name in ("cifar10", "image_folder", "synthetic", "npz"), "data.name",
                f"unknown dataset {self.name!r}")
         _check(self.image_size >= 8, "data.image_size", f"must be >= 8, got {self.image_size}")
         _check(0 <= self.val_fraction < 1, "data.val_fraction",
@@ -105,8 +107,13 @@ class DataConfig:
         for key in ("limit_train", "limit_test"):
             value = getattr(self, key)
             _check(value is None or value > 0, f"data.{key}", f"must be > 0, got {value}")
-        if self.name == "image_folder":
-            _check(bool(self.path), "data.path", "image_folder needs a path")
+        if self.name in ("image_folder", "npz"):
+            _check(bool(self.path), "data.path", f"{self.name} needs a path")
+        if self.classes is not None:
+            _check(self.name in ("image_folder", "npz"), "data.classes",
+                   "only image_folder and npz data take class names")
+            _check(len(set(self.classes)) == len(self.classes) >= 2, "data.classes",
+                   "needs at least 2 distinct class names")
         if self.name == "synthetic":
             _check(self.num_classes >= 2, "data.num_classes", "must be >= 2")
             _check(self.n_train >= self.num_classes, "data.n_train", "must be >= num_classes")
@@ -128,10 +135,25 @@ class ModelConfig:
     stage_strides: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 1, 2, 1])
     # resnet8
     filters: list[int] = field(default_factory=lambda: [16, 32, 64])
+    # file: a trained model loaded as the dense baseline (see src/model_file.py)
+    path: str | None = None
+    input_scale: str = "raw"
+    trust_code: bool = False
+    custom_objects: str | None = None
+    head: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.name in ("mobilenetv2", "mobilenetv2_cifar", "resnet8"), "model.name",
-               f"unknown model {self.name!r}")
+        _check(self.name in ("mobilenetv2", "mobilenetv2_cifar", "resnet8", "file"),
+               "model.name", f"unknown model {self.name!r}")
+        if self.name == "file":
+            _check(bool(self.path), "model.path", "model=file needs the path of a model file")
+        _check(self.input_scale in ("raw", "unit", "symmetric"), "model.input_scale",
+               f"must be raw (0..255), unit (0..1) or symmetric (-1..1), got {self.input_scale!r}")
+        _check(self.name == "file" or self.input_scale == "raw", "model.input_scale",
+               "built-in models scale inside the model and take raw pixels; only model=file "
+               "takes another convention")
+        _check(self.head in ("auto", "softmax", "logits"), "model.head",
+               f"must be auto, softmax or logits, got {self.head!r}")
         _check(self.alpha > 0, "model.alpha", f"must be > 0, got {self.alpha}")
         _check(self.input_size >= 8, "model.input_size", f"must be >= 8, got {self.input_size}")
         if self.bn_momentum is not None:

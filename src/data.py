@@ -1,16 +1,19 @@
-"""Datasets as uint8 arrays: CIFAR-10 (local or Keras download), image folders, synthetic.
+"""Datasets as uint8 arrays: CIFAR-10 (local or Keras download), image folders, .npz, synthetic.
 
 Every loader returns a ``Dataset`` with train / validation / test splits.  Decoding
 an archive is slow, so decoded arrays are cached by the source's fingerprint.
+``fit_to_input`` then fits a dataset to a loaded model's input (size, channels, scale).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
 import pickle
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -19,6 +22,8 @@ from PIL import Image, UnidentifiedImageError
 
 from src.config import DataConfig
 
+NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+INPUT_SCALES = {"raw": (1.0, 0.0), "unit": (1 / 255, 0.0), "symmetric": (1 / 127.5, -1.0)}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -32,7 +37,11 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    """Image splits as uint8 NHWC arrays with integer labels."""
+    """Image splits as NHWC arrays with integer labels.
+
+    uint8 RGB pixels as loaded; ``fit_to_input`` may change size and channels, and turns
+    them into float32 in the model's input scale when that is not raw pixels.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -54,6 +63,10 @@ def load(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
     if cfg.name == "synthetic":
         arrays, classes, source = synthetic_arrays(cfg), [str(i) for i in range(cfg.num_classes)], \
             f"synthetic:{cfg.num_classes}:{cfg.n_train}:{cfg.n_test}:{cfg.noise}:{cfg.seed}"
+    elif cfg.name == "npz":
+        path = Path(cfg.path).expanduser()
+        source = f"npz:{fingerprint_source(path)}"
+        arrays, classes = read_npz(path, cfg.classes)
     elif cfg.path:
         arrays, classes, source = _cached_local(Path(cfg.path).expanduser(), cfg.image_size,
                                                 Path(cache_dir))
@@ -61,8 +74,11 @@ def load(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
         arrays, classes, source = _keras_cifar10(), list(CIFAR10_CLASSES), "keras:cifar10"
     else:
         raise DataError(f"data.path: {cfg.name} needs a path")
+    if cfg.classes is not None and cfg.name == "image_folder":
+        arrays, classes = in_class_order(arrays, classes, cfg.classes, cfg.path)
+        source = f"{source}|{','.join(classes)}"
     x_train, y_train, x_test, y_test = arrays
-    if x_train.shape[1] != cfg.image_size:
+    if x_train.shape[1:3] != (cfg.image_size, cfg.image_size):
         x_train, x_test = (resize(x, cfg.image_size) for x in (x_train, x_test))
     x_train, y_train = subsample(x_train, y_train, cfg.limit_train)
     x_test, y_test = subsample(x_test, y_test, cfg.limit_test)
@@ -120,11 +136,141 @@ def synthetic_arrays(cfg: DataConfig) -> tuple[np.ndarray, ...]:
     return x_train, y_train, x_test, y_test
 
 
-def resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Returns the images resized to size x size (bilinear)."""
+def resize(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Returns the uint8 images resized to size x size or (height, width) (bilinear)."""
+    height, width = (size, size) if isinstance(size, int) else size
     return np.stack([
-        np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR)) for img in images
+        np.asarray(Image.fromarray(img).resize((width, height), Image.BILINEAR)) for img in images
     ])
+
+
+# ----------------------------------------------------------------- a model's input
+def scale_images(x: np.ndarray, input_scale: str) -> np.ndarray:
+    """Returns 0..255 pixels as float32 in a model's input scale: raw, unit (0..1), symmetric."""
+    factor, offset = INPUT_SCALES[input_scale]
+    scaled = x.astype(np.float32)
+    return scaled * np.float32(factor) + np.float32(offset) if input_scale != "raw" else scaled
+
+
+def fit_to_input(data: Dataset, height: int | None, width: int | None, channels: int,
+                 input_scale: str) -> Dataset:
+    """Returns the dataset resized and converted to a model's input (channels 1 or 3), scaled.
+
+    Raw-pixel data stay uint8 (every consumer casts); other scales become float32 once
+    here, so training, evaluation and int8 calibration all see the model's convention.
+    """
+    def fit(x: np.ndarray) -> np.ndarray:
+        if len(x) and height and width and x.shape[1:3] != (height, width):
+            x = resize(x, (height, width))
+        if channels == 1:  # ITU-R 601 luma, as PIL's "L" conversion
+            x = np.round(x.astype(np.float32) @ np.float32([0.299, 0.587, 0.114]))
+            x = x.clip(0, 255).astype(np.uint8)[..., None]
+        return x if input_scale == "raw" else scale_images(x, input_scale)
+
+    arrays = {name: fit(getattr(data, name)) for name in ("x_train", "x_val", "x_test")}
+    digest = hashlib.sha256(
+        f"{data.fingerprint}|{height}x{width}x{channels}|{input_scale}".encode()).hexdigest()[:16]
+    return dataclasses.replace(data, **arrays, fingerprint=digest)
+
+
+# ------------------------------------------------------------------------ .npz arrays
+def read_npz(path: Path, classes: list[str] | None) -> tuple[tuple[np.ndarray, ...], list[str]]:
+    """Returns ((x_train, y_train, x_test, y_test), class names) checked from one .npz file."""
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"data.path: {path} is not a .npz file (a zip of .npy arrays)")
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            missing = [name for name in NPZ_ARRAYS if name not in stored.files]
+            if missing:
+                raise DataError(f"data.path: {path} has no array {missing[0]} "
+                                f"(a .npz needs {', '.join(NPZ_ARRAYS)})")
+            raw = {name: _npz_array(stored, name, path) for name in NPZ_ARRAYS}
+    except (OSError, ValueError, EOFError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"data.path: {path} is not a readable .npz file ({error})") from None
+    images = [_npz_images(raw[name], name, path) for name in ("x_train", "x_test")]
+    if images[0].shape[1:] != images[1].shape[1:]:
+        raise DataError(f"data.path: {path}: x_test images are {images[1].shape[1:]}, "
+                        f"x_train images {images[0].shape[1:]}")
+    pixels = _npz_pixels(images, path)
+    labels = [_npz_labels(raw[y], y, len(x), x_name, path)
+              for y, x, x_name in (("y_train", pixels[0], "x_train"),
+                                   ("y_test", pixels[1], "x_test"))]
+    count = len(classes) if classes else int(max(y.max() for y in labels)) + 1
+    for name, y in zip(("y_train", "y_test"), labels):
+        if y.min() < 0 or y.max() >= count:
+            bad = int(y.min() if y.min() < 0 else y.max())
+            where = f"the {count} names in data.classes" if classes else "labels 0..n-1"
+            raise DataError(f"data.path: {path}: {name} has label {bad}, out of range for {where}")
+    names = list(classes) if classes else [str(i) for i in range(count)]
+    return (pixels[0], labels[0], pixels[1], labels[1]), names
+
+
+def _npz_array(stored, name: str, path: Path) -> np.ndarray:
+    try:
+        return stored[name]
+    except ValueError as error:  # object arrays need pickle, which is refused
+        raise DataError(f"data.path: {path}: {name} cannot be read ({error})") from None
+
+
+def _npz_images(x: np.ndarray, name: str, path: Path) -> np.ndarray:
+    """Returns NHWC images from NHW or NHWC (C 1 or 3), or raises naming the array."""
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"data.path: {path}: {name} has shape {x.shape}; images are "
+                        "N x H x W or N x H x W x C with C 1 or 3")
+    if not len(x):
+        raise DataError(f"data.path: {path}: {name} is empty")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise DataError(f"data.path: {path}: {name} has dtype {x.dtype}, not numbers")
+    return x
+
+
+def _npz_pixels(images: list[np.ndarray], path: Path) -> list[np.ndarray]:
+    """Returns uint8 RGB pixels; floats in 0..1 are scaled by 255, floats in 0..255 kept."""
+    if all(x.dtype == np.uint8 for x in images):
+        return [np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x for x in images]
+    low = min(float(np.min(x)) for x in images)
+    high = max(float(np.max(x)) for x in images)
+    for name, x in zip(("x_train", "x_test"), images):
+        if not np.all(np.isfinite(x)) or np.min(x) < 0 or np.max(x) > 255:
+            raise DataError(f"data.path: {path}: {name} has values outside 0..255 (min "
+                            f"{np.min(x)}, max {np.max(x)}); store pixels 0..255 or 0..1 and set "
+                            "model.input_scale for what the model expects")
+    factor = 255.0 if high <= 1.0 and low >= 0 else 1.0
+    out = [np.round(x.astype(np.float32) * factor).clip(0, 255).astype(np.uint8) for x in images]
+    return [np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x for x in out]
+
+
+def _npz_labels(y: np.ndarray, name: str, n_images: int, x_name: str, path: Path) -> np.ndarray:
+    """Returns integer labels as int64, or raises naming the array."""
+    y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
+    if y.ndim != 1:
+        raise DataError(f"data.path: {path}: {name} has shape {y.shape}; labels are one "
+                        "integer per image")
+    if len(y) != n_images:
+        raise DataError(f"data.path: {path}: {name} has {len(y)} labels for {n_images} "
+                        f"images in {x_name}")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)):
+            raise DataError(f"data.path: {path}: {name} holds {y.dtype} values, not integer "
+                            "class labels")
+    return y.astype(np.int64)
+
+
+def in_class_order(arrays: tuple[np.ndarray, ...], found: list[str], wanted: list[str],
+                   path: str | None) -> tuple[tuple[np.ndarray, ...], list[str]]:
+    """Returns the arrays relabelled so label i is wanted[i] (data.classes gives the order)."""
+    if set(found) != set(wanted):
+        extra, missing = sorted(set(found) - set(wanted)), sorted(set(wanted) - set(found))
+        detail = f"folder {extra[0]!r} is not named in it" if extra \
+            else f"{missing[0]!r} has no folder in {path}"
+        raise DataError(f"data.classes: {detail}")
+    lookup = np.array([wanted.index(name) for name in found], dtype=np.int64)
+    x_train, y_train, x_test, y_test = arrays
+    return (x_train, lookup[y_train], x_test, lookup[y_test]), list(wanted)
 
 
 def _keras_cifar10() -> tuple[np.ndarray, ...]:

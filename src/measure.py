@@ -13,7 +13,7 @@ from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
 from src.keras_env import keras
-from src.prune.common import KERNEL_ATTRIBUTE
+from src.prune.common import KERNEL_ATTRIBUTE, kernel_layers
 
 _TFLITE_DTYPES = {
     schema.TensorType.FLOAT32: np.float32,
@@ -42,13 +42,12 @@ class LayerSparsity:
 def layer_sparsity(model: keras.Model, layer_types: Sequence[str]) -> list[LayerSparsity]:
     """Returns one row per layer with a conv, depthwise or dense kernel."""
     rows = []
-    for layer in model.layers:
+    for name, layer in kernel_layers(model):  # nested models' layers too
         kind = type(layer).__name__
-        if kind in KERNEL_ATTRIBUTE:
-            kernel = getattr(layer, KERNEL_ATTRIBUTE[kind]).numpy()
-            rows.append(LayerSparsity(layer.name, kind, kernel.size,
-                                      int(kernel.size - np.count_nonzero(kernel)),
-                                      kind in layer_types))
+        kernel = getattr(layer, KERNEL_ATTRIBUTE[kind]).numpy()
+        rows.append(LayerSparsity(name, kind, kernel.size,
+                                  int(kernel.size - np.count_nonzero(kernel)),
+                                  kind in layer_types))
     return rows
 
 

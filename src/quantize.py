@@ -27,7 +27,8 @@ def to_tflite(model: keras.Model, cfg: QuantConfig, calibration: np.ndarray) -> 
         # A fixed random subset: image-folder data is sorted by class.
         picked = np.random.default_rng(0).permutation(len(calibration))[
             : cfg.representative_samples]
-        samples = calibration[np.sort(picked)].astype(np.float32)
+        # In the model's own input dtype and scale (a loaded model may take uint8 pixels).
+        samples = calibration[np.sort(picked)].astype(model.inputs[0].dtype.as_numpy_dtype)
 
         def representative() -> Iterator[list[np.ndarray]]:
             for image in samples:
@@ -62,10 +63,10 @@ def evaluate_tflite(flatbuffer: bytes, x: np.ndarray, y: np.ndarray, batch_size:
 
 
 def _to_input(images: np.ndarray, detail: dict) -> np.ndarray:
-    """Returns raw pixels in the input tensor's dtype, quantized when the input is integer."""
+    """Returns the images in the input tensor's dtype, quantized when the input is quantized."""
     dtype = detail["dtype"]
-    if np.issubdtype(dtype, np.integer):
-        scale, zero_point = detail["quantization"]
+    scale, zero_point = detail["quantization"]
+    if np.issubdtype(dtype, np.integer) and scale:  # scale 0: an unquantized uint8 input
         info = np.iinfo(dtype)
         quantized = np.round(images.astype(np.float32) / scale + zero_point)
         return np.clip(quantized, info.min, info.max).astype(dtype)

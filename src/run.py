@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from src import baseline, data, measure, quantize, speed, tracking, units
+from src import baseline, data, measure, model_file, quantize, speed, tracking, units
 from src.config import ConfigError, Settings, register_resolvers, settings_from
 from src.data import DataError
 from src.keras_env import keras
@@ -32,10 +32,15 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     """
     clock = measure.Stopwatch()
     settings = settings_from(cfg)  # bad settings fail here, before data or training
-    dataset = data.load(settings.data, settings.paths.cache_dir)
     keras.backend.clear_session()
     keras.utils.set_random_seed(settings.train.seed)
-    key = baseline.baseline_key(dataset, settings.data, settings.model, settings.train)
+    own = None  # model=file: the loaded model is the baseline, and the data fit its input
+    if settings.model.name == "file":
+        own, dataset = model_file.baseline_from_file(settings)
+    else:
+        dataset = data.load(settings.data, settings.paths.cache_dir)
+    key = own.key if own else baseline.baseline_key(dataset, settings.data, settings.model,
+                                                    settings.train)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("search", None)  # the search that chose these settings is logged by its worker
     resolved["tracking"]["uri"] = tracking.safe_url(resolved["tracking"]["uri"])
@@ -51,8 +56,8 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     }
     with tracking.tracked_run(settings.tracking, tags, nested=nested) as active:
         tracking.log_params(tracking.flatten(resolved))
-        base = baseline.load_or_train(key, settings.paths.cache_dir, dataset, settings.model,
-                                      settings.train)
+        base = own or baseline.load_or_train(key, settings.paths.cache_dir, dataset,
+                                             settings.model, settings.train)
         if not base.reused:
             clock.add("train", base.train_seconds)
             clock.add("evaluate", base.evaluate_seconds)

@@ -82,9 +82,21 @@ def compile_model(model: keras.Model, cfg: TrainConfig, lr: float, epochs: int,
     """Compiles the model for training with the configured loss and optimizer."""
     model.compile(
         optimizer=make_optimizer(cfg, lr, epochs, steps_per_epoch, warmup_epochs),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=not ends_in_softmax(model),
+                                                  label_smoothing=cfg.label_smoothing),
         metrics=["accuracy"],
     )
+
+
+def ends_in_softmax(model: keras.Model) -> bool:
+    """Returns True when the output layer applies softmax (probabilities), False for logits."""
+    layer = model.layers[-1]
+    while isinstance(layer, keras.Model) or hasattr(layer, "layer"):  # nesting, tfmot wrappers
+        layer = layer.layers[-1] if isinstance(layer, keras.Model) else layer.layer
+    if isinstance(layer, keras.layers.Softmax):
+        return True
+    function = getattr(layer, "activation", None) or getattr(layer, "function", None)
+    return getattr(function, "__name__", "") == "softmax"  # also a tf.nn.softmax op layer
 
 
 class RaiseOnNaN(keras.callbacks.Callback):

@@ -18,8 +18,8 @@ from src.config import (
 from tests.conftest import TINY, runs_of
 
 GROUP_OPTIONS = {
-    "data": ["cifar10", "image_folder", "synthetic"],
-    "model": ["mobilenetv2", "mobilenetv2_cifar", "resnet8"],
+    "data": ["cifar10", "image_folder", "npz", "synthetic"],
+    "model": ["mobilenetv2", "mobilenetv2_cifar", "resnet8", "file"],
     "train": ["default"],
     "prune": ["none", "flat", "layer", "tfmot", "channel"],
     "quant": ["none", "dynamic", "int8", "float16"],
@@ -43,7 +43,8 @@ def test_group_options_match_conf_folder():
     "group,option", [(g, o) for g, options in GROUP_OPTIONS.items() for o in options]
 )
 def test_every_option_composes_and_validates(make_cfg, tmp_path, group, option):
-    extra = ["data.path=/some/folder"] if option == "image_folder" else []
+    extra = {"image_folder": ["data.path=/some/folder"], "npz": ["data.path=/some/x.npz"],
+             "file": ["model.path=/some/model.keras"]}.get(option, [])
     cfg = make_cfg(f"{group}={option}", *extra, tiny=False)
     settings = settings_from(cfg)
     assert isinstance(settings, Settings)

@@ -179,3 +179,94 @@ def test_limits_take_a_subset_of_every_class(tmp_path):
                        limit_test=9), tmp_path / "cache")
     assert len(ds.y_train) == 12 and len(ds.y_test) == 9
     assert set(ds.y_train.tolist()) == {0, 1, 2}  # not the first 12 files of a sorted folder
+
+
+# ------------------------------------------------------------------------ .npz arrays
+def write_npz(path: Path, **change) -> Path:
+    """Writes a small valid .npz (4 classes), with arrays replaced or dropped (None)."""
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8),
+              "y_train": np.arange(12) % 4,
+              "x_test": rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8),
+              "y_test": np.arange(6) % 4}
+    arrays.update(change)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+def npz_cfg(path: Path, **kw) -> DataConfig:
+    return DataConfig(name="npz", path=str(path), image_size=kw.pop("image_size", 8),
+                      val_fraction=kw.pop("val_fraction", 0.0), **kw)
+
+
+def test_npz_arrays_load_as_they_are(tmp_path):
+    path = write_npz(tmp_path / "mine.npz")
+    ds = data.load(npz_cfg(path, classes=["a", "b", "c", "d"]), tmp_path)
+    with np.load(path) as stored:
+        assert np.array_equal(ds.x_train, stored["x_train"])
+        assert np.array_equal(ds.y_test, stored["y_test"])
+    assert ds.class_names == ["a", "b", "c", "d"] and ds.x_train.dtype == np.uint8
+    unnamed = data.load(npz_cfg(path), tmp_path)
+    assert unnamed.class_names == ["0", "1", "2", "3"]
+    assert data.load(npz_cfg(path, image_size=16), tmp_path).x_test.shape == (6, 16, 16, 3)
+
+
+def test_npz_float_and_grey_images_become_rgb_pixels(tmp_path):
+    grey = np.linspace(0, 1, 12 * 64, dtype=np.float32).reshape(12, 8, 8)
+    path = write_npz(tmp_path / "grey.npz", x_train=grey, x_test=grey[:6],
+                     y_train=(np.arange(12) % 4).reshape(-1, 1).astype(np.float32))
+    ds = data.load(npz_cfg(path), tmp_path)
+    assert ds.x_train.shape == (12, 8, 8, 3) and ds.x_train.dtype == np.uint8
+    assert ds.x_train[-1, -1, -1].tolist() == [255, 255, 255]  # 0..1 floats scaled to pixels
+    assert ds.y_train.dtype == np.int64 and ds.y_train.tolist() == (np.arange(12) % 4).tolist()
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"x_test": None}, r"has no array x_test \(a \.npz needs x_train, y_train, x_test, y_test\)"),
+    ({"y_train": None}, r"has no array y_train"),
+    ({"y_test": np.array([0, 1, 2, 3, 4, 0])}, r"y_test has label 4, out of range for the 4 "
+                                               r"names in data.classes"),
+    ({"y_train": np.arange(12) % 4 - 1}, r"y_train has label -1, out of range"),
+    ({"y_train": np.arange(11) % 4}, r"y_train has 11 labels for 12 images in x_train"),
+    ({"x_test": np.zeros((0, 8, 8, 3), np.uint8), "y_test": np.zeros(0, int)},
+     r"x_test is empty"),
+    ({"x_train": np.zeros((12, 8, 8, 5), np.uint8)}, r"x_train has shape \(12, 8, 8, 5\)"),
+    ({"x_test": np.full((6, 8, 8, 3), -1.0)}, r"x_test has values outside 0\.\.255"),
+    ({"y_train": np.full(12, 0.5)}, r"y_train holds float64 values, not integer class labels"),
+], ids=["no-x_test", "no-y_train", "label-high", "label-negative", "count", "empty",
+        "channels", "negative-pixels", "float-labels"])
+def test_bad_npz_fails_naming_the_array(tmp_path, change, expected):
+    path = write_npz(tmp_path / "bad.npz", **change)
+    with pytest.raises(DataError, match=r"^data\.path: .*bad\.npz:? " + expected) as error:
+        data.load(npz_cfg(path, classes=["a", "b", "c", "d"]), tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_a_file_that_is_not_npz(tmp_path):
+    (tmp_path / "x.npz").write_text("hello")
+    with pytest.raises(DataError, match=r"^data\.path: .*x\.npz is not a \.npz file"):
+        data.load(npz_cfg(tmp_path / "x.npz"), tmp_path)
+
+
+def test_data_classes_give_the_label_order(tmp_path):
+    folder = write_image_folder(tmp_path / "pets", classes=("cat", "dog"))
+    ds = data.load(cfg(folder, name="image_folder", val_fraction=0.0, classes=["dog", "cat"]),
+                   tmp_path / "cache")
+    assert ds.class_names == ["dog", "cat"]
+    # dog images (value 40 + i) now carry label 0
+    assert set(ds.y_test[ds.x_test[:, 0, 0, 0] >= 40].tolist()) == {0}
+    with pytest.raises(DataError, match=r"^data\.classes: folder 'dog' is not named in it"):
+        data.load(cfg(folder, name="image_folder", classes=["cat", "bird"]), tmp_path / "cache")
+
+
+def test_fit_to_input_resizes_converts_and_scales(tmp_path):
+    ds = data.load(DataConfig(name="synthetic", n_train=20, n_test=8, num_classes=2,
+                              image_size=16), tmp_path)
+    grey = data.fit_to_input(ds, 12, 20, 1, "symmetric")
+    assert grey.x_train.shape == (len(ds.x_train), 12, 20, 1) and grey.x_test.dtype == np.float32
+    assert -1.0 <= grey.x_test.min() and grey.x_test.max() <= 1.0
+    assert grey.fingerprint != ds.fingerprint and np.array_equal(grey.y_test, ds.y_test)
+    raw = data.fit_to_input(ds, 16, 16, 3, "raw")
+    assert raw.x_test is ds.x_test or np.array_equal(raw.x_test, ds.x_test)
+    assert data.scale_images(np.array([0, 255], np.uint8), "unit").tolist() == [0.0, 1.0]
+    assert data.scale_images(np.array([0, 255], np.uint8), "symmetric").tolist() == [-1.0, 1.0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from src.keras_env import keras, tf
@@ -24,13 +24,20 @@ class PruneResult:
     artifacts: dict[str, str] = field(default_factory=dict)
 
 
+def kernel_layers(model: keras.Model,
+                  prefix: str = "") -> Iterator[tuple[str, keras.layers.Layer]]:
+    """Yields (name, layer) of each layer with a kernel, nested models' too ("outer/inner")."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):  # e.g. a backbone inside Sequential([backbone, head])
+            yield from kernel_layers(layer, f"{prefix}{layer.name}/")
+        elif type(layer).__name__ in KERNEL_ATTRIBUTE:
+            yield f"{prefix}{layer.name}", layer
+
+
 def prunable_kernels(
     model: keras.Model, layer_types: Sequence[str]
 ) -> list[tuple[str, tf.Variable]]:
     """Returns (layer name, kernel variable) of every layer whose class is in layer_types."""
-    found = []
-    for layer in model.layers:
-        kind = type(layer).__name__
-        if kind in layer_types and kind in KERNEL_ATTRIBUTE:
-            found.append((layer.name, getattr(layer, KERNEL_ATTRIBUTE[kind])))
-    return found
+    return [(name, getattr(layer, KERNEL_ATTRIBUTE[type(layer).__name__]))
+            for name, layer in kernel_layers(model)
+            if type(layer).__name__ in layer_types]
