@@ -152,6 +152,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     verbose: int = 1
+    checkpoint_every: int = 1
+    jit_compile: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -166,6 +168,7 @@ class TrainConfig:
                f"must be cosine or constant, got {self.schedule!r}")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
         _check(self.augment.crop_padding >= 0, "train.augment.crop_padding", "must be >= 0")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
 
 
 # ---------------------------------------------------------------------------- prune
@@ -244,6 +247,20 @@ class QuantConfig:
         _check(self.representative_samples >= 1, "quant.representative_samples", "must be >= 1")
 
 
+# -------------------------------------------------------------------------- distill
+@dataclass
+class DistillConfig:
+    """Knowledge distillation while fine-tuning: soft-loss weight, temperature, teacher."""
+
+    alpha: float = 0.0
+    temperature: float = 4.0
+    teacher: str | None = None  # null: the run's own dense baseline; else a cache key or file
+
+    def __post_init__(self) -> None:
+        _check_fraction(self.alpha, "distill.alpha")
+        _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
+
+
 # ------------------------------------------------------------------ tracking, paths
 @dataclass
 class TrackingConfig:
@@ -281,6 +298,7 @@ class Settings:
     quant: QuantConfig
     tracking: TrackingConfig
     objective: str = "accuracy_per_mb"
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         _check(self.objective in OBJECTIVES, "objective",
@@ -311,12 +329,14 @@ def settings_from(cfg: DictConfig) -> Settings:
         "prune": PruneConfig,
         "quant": QuantConfig,
         "tracking": TrackingConfig,
+        "distill": DistillConfig,
     }
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as error:
         full_key = getattr(error, "full_key", None) or "config"
         raise ConfigError(f"{full_key}: {str(error).splitlines()[0]}") from None
+    resolved.setdefault("distill", {})  # configs stored before the distill group existed
     parts = {name: _typed(resolved.get(name), schema, name) for name, schema in groups.items()}
     settings = Settings(**parts, objective=resolved.get("objective", "accuracy_per_mb"))
     prune, model = settings.prune, settings.model

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from src import baseline, data, measure, quantize, tracking, units
+from src import baseline, data, distill, measure, quantize, tracking, units
 from src.config import ConfigError, Settings, register_resolvers, settings_from
 from src.data import DataError
 from src.keras_env import keras
@@ -57,9 +57,15 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             clock.add("train", base.train_seconds)
             clock.add("evaluate", base.evaluate_seconds)
         tracking.set_tags({"baseline_reused": base.reused})
+        if base.resumed_from_epoch:
+            tracking.set_tags({"resumed_from_epoch": base.resumed_from_epoch})
         tracking.log_history("baseline", base.history)
+        teacher = distill.teacher_for(settings.distill, base.model, base.test_accuracy,
+                                      settings.paths.cache_dir, dataset.x_test, dataset.y_test,
+                                      ) if settings.prune.finetune_epochs else None
         with clock("train"):  # masks or tfmot wrappers, and fine-tuning when configured
-            result = prune(base.model, settings.prune, dataset, settings.train, callbacks)
+            result = prune(base.model, settings.prune, dataset, settings.train, callbacks,
+                           distill=teacher)
         tracking.log_history("finetune", result.history)
         # The schedule in steps, as tfmot ran it (frequency may be clamped to the steps there are).
         tracking.log_params({f"prune_steps.{k}": v for k, v in result.schedule_steps.items()})
@@ -67,6 +73,8 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         metrics, files = export_and_measure(result.model, settings, dataset, out_dir, clock)
         (out_dir / "config.yaml").write_text(config_yaml)
         metrics["baseline_test_accuracy"] = base.test_accuracy
+        if teacher:
+            metrics["teacher_test_accuracy"] = teacher.test_accuracy
         metrics.update({f"{phase}_seconds": seconds for phase, seconds in clock.totals().items()})
         tracking.log_metrics(metrics)
         tracking.log_artifacts([*files, out_dir / "config.yaml"])
