@@ -154,14 +154,14 @@ def test_smaller_test_split_reuses_the_baseline_and_reevaluates(make_cfg):
 
 
 def test_killed_baseline_training_resumes_at_epoch_3(tmp_path):
-    overrides = [f"paths.root={tmp_path}", "data=synthetic", "data.n_train=3000",
+    overrides = [f"paths.root={tmp_path}", "data=synthetic", "data.n_train=600",
                  "data.n_test=64", "data.num_classes=4", *TINY["model"], "train.epochs=4",
                  "train.batch_size=32", "train.verbose=2"]
     command = [sys.executable, "-m", "src.run", *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-    baselines = tmp_path / "cache" / "baselines"
+    baselines = Path(settings_from(compose_config(overrides)).paths.cache_dir) / "baselines"
     deadline = time.monotonic() + 300
     while not list(baselines.glob("*.ckpt/epoch-0002")):  # the event: epoch 2 is on disk
         assert first.poll() is None and time.monotonic() < deadline, "no epoch-2 checkpoint"
