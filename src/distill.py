@@ -51,6 +51,16 @@ def teacher_for(cfg: DistillConfig, dense: keras.Model, dense_accuracy: float,
     return Distillation(teacher, cfg.alpha, cfg.temperature, accuracy, source)
 
 
+def check_teacher(cfg: DistillConfig, cache_dir: str | Path) -> None:
+    """Raises ConfigError when distill.teacher names no model file and no cached baseline."""
+    if cfg.alpha == 0 or cfg.teacher is None:
+        return
+    cached = Path(cache_dir) / "baselines" / cfg.teacher / "meta.json"
+    if not Path(cfg.teacher).expanduser().is_file() and not cached.is_file():
+        raise ConfigError(f"distill.teacher: {cfg.teacher!r} is neither a model file nor a "
+                          f"cached baseline key under {Path(cache_dir) / 'baselines'}")
+
+
 def _load_teacher(spec: str, cache_dir: str | Path) -> keras.Model:
     """Returns the teacher named by a model file path or a cached baseline key."""
     path = Path(spec).expanduser()
@@ -82,8 +92,9 @@ def log_softmax_input(outputs: tf.Tensor) -> tf.Tensor:
     logits = getattr(outputs, "_keras_logits", None)
     if logits is not None:
         return logits
-    if outputs.op.type == "Softmax":
-        return outputs.op.inputs[0]
+    op = getattr(outputs, "op", None)  # eager tensors have none
+    if op is not None and op.type == "Softmax":
+        return op.inputs[0]
     return tf.math.log(tf.clip_by_value(outputs, 1e-30, 1.0))
 
 

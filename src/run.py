@@ -32,6 +32,7 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     """
     clock = measure.Stopwatch()
     settings = settings_from(cfg)  # bad settings fail here, before data or training
+    distill.check_teacher(settings.distill, settings.paths.cache_dir)
     dataset = data.load(settings.data, settings.paths.cache_dir)
     keras.backend.clear_session()
     keras.utils.set_random_seed(settings.train.seed)
