@@ -12,6 +12,7 @@ GROUP_OPTIONS = {
     "train": ["default"],
     "prune": ["none", "flat", "layer", "tfmot"],
     "quant": ["none", "dynamic", "int8", "float16"],
+    "distill": ["none", "kd"],
     "tracking": ["mlflow"],
     "paths": ["default"],
     "experiment": ["quick", "reference_oneshot", "reference_tfmot", "frontier_resnet8"],
