@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from src.config import ConfigError
-from src.distill import log_softmax_input, soft_loss
+from src import baseline, train
+from src.config import ConfigError, DistillConfig, settings_from
+from src.data import load
+from src.distill import log_softmax_input, soft_loss, teacher_for
 from src.keras_env import keras, tf
 from src.run import run
 from tests.conftest import runs_of
@@ -48,14 +50,16 @@ def test_distillation_from_the_runs_own_baseline(make_cfg):
 
 
 def test_distillation_from_another_cached_baseline_with_tfmot(make_cfg):
-    bigger = make_cfg("model.filters=[8,8,8]")
-    teacher_metrics = run(bigger)
-    teacher_key = runs_of(bigger)[0].data.tags["baseline_key"]
+    bigger = settings_from(make_cfg("model.filters=[8,8,8]"))
+    dataset = load(bigger.data, bigger.paths.cache_dir)
+    teacher_key = baseline.baseline_key(dataset, bigger.data, bigger.model, bigger.train)
+    teacher = baseline.load_or_train(teacher_key, bigger.paths.cache_dir, dataset, bigger.model,
+                                     bigger.train)
     cfg = make_cfg("prune=tfmot", "prune.final_sparsity=0.5", "prune.frequency=1", *FINETUNE,
                    f"distill.teacher={teacher_key}")
     metrics = run(cfg)
     # The same test split: the teacher's accuracy is the other baseline's.
-    assert metrics["teacher_test_accuracy"] == pytest.approx(teacher_metrics["test_accuracy"])
+    assert metrics["teacher_test_accuracy"] == pytest.approx(teacher.test_accuracy)
     assert metrics["sparsity_global"] == pytest.approx(0.5, abs=0.02)  # tfmot's wrappers worked
     newest = runs_of(cfg)[0]
     assert newest.data.params["distill.teacher"] == teacher_key
@@ -63,13 +67,22 @@ def test_distillation_from_another_cached_baseline_with_tfmot(make_cfg):
     assert newest.data.metrics["teacher_test_accuracy"] == metrics["teacher_test_accuracy"]
 
 
-def test_teacher_from_a_model_file(make_cfg, tmp_path):
-    teacher = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(),
-                                keras.layers.Dense(4, activation="softmax")])
-    teacher.save(tmp_path / "teacher.h5")
-    metrics = run(make_cfg("prune=layer", "prune.rate=0.3", *FINETUNE,
-                           f"distill.teacher={tmp_path / 'teacher.h5'}"))
-    assert 0 <= metrics["teacher_test_accuracy"] <= 1
+def _flat_model(classes: int) -> keras.Model:
+    return keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(),
+                             keras.layers.Dense(classes, activation="softmax")])
+
+
+def test_teacher_from_a_model_file_is_frozen_and_evaluated(tmp_path):
+    _flat_model(4).save(tmp_path / "teacher.h5")
+    x = np.zeros((8, 32, 32, 3), np.uint8)
+    y = np.zeros(8, np.int64)
+    cfg = DistillConfig(alpha=0.5, teacher=str(tmp_path / "teacher.h5"))
+    found = teacher_for(cfg, _flat_model(4), 0.0, tmp_path, x, y)
+    assert found.source == cfg.teacher and not found.teacher.trainable_weights
+    assert found.test_accuracy == pytest.approx(train.evaluate(found.teacher, x, y))
+    assert teacher_for(DistillConfig(alpha=0.0), _flat_model(4), 0.0, tmp_path, x, y) is None
+    with pytest.raises(ConfigError, match="distill.teacher: .* gives 4 classes"):
+        teacher_for(cfg, _flat_model(3), 0.0, tmp_path, x, y)
 
 
 def test_unknown_teacher_is_refused_naming_the_key(make_cfg):
