@@ -192,6 +192,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False  # true: bit-reproducible on CPU (TF op determinism), slower
     verbose: int = 1  # Keras progress: 0 silent, 1 bar, 2 one line per epoch
+    checkpoint_every: int = 1  # epochs between resumable checkpoints of a baseline training
+    jit_compile: bool = False  # XLA-compile training and evaluation (benchmarks/train_speed.py)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -206,6 +208,7 @@ class TrainConfig:
                f"must be cosine or constant, got {self.schedule!r}")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
         _check(self.augment.crop_padding >= 0, "train.augment.crop_padding", "must be >= 0")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
 
 
 # ---------------------------------------------------------------------------- prune
@@ -320,6 +323,20 @@ class MeasureConfig:
                f"must be >= 1, got {self.latency_repeats}")
 
 
+# -------------------------------------------------------------------------- distill
+@dataclass
+class DistillConfig:
+    """Knowledge distillation while fine-tuning: soft-loss weight, temperature, teacher."""
+
+    alpha: float = 0.0
+    temperature: float = 4.0
+    teacher: str | None = None  # null: the run's own dense baseline; else a cache key or file
+
+    def __post_init__(self) -> None:
+        _check_fraction(self.alpha, "distill.alpha")
+        _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
+
+
 # ------------------------------------------------------------------ tracking, paths
 @dataclass
 class TrackingConfig:
@@ -358,6 +375,7 @@ class Settings:
     tracking: TrackingConfig
     objective: str = "accuracy_per_mb"
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         _check(self.objective in OBJECTIVES, "objective",
@@ -374,6 +392,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "quant": QuantConfig,
     "tracking": TrackingConfig,
     "measure": MeasureConfig,
+    "distill": DistillConfig,
 }
 
 
@@ -398,6 +417,8 @@ def settings_from(cfg: DictConfig) -> Settings:
     except OmegaConfBaseException as error:
         full_key = getattr(error, "full_key", None) or "config"
         raise ConfigError(f"{full_key}: {str(error).splitlines()[0]}") from None
+    for later_group in ("measure", "distill"):  # configs stored before these groups existed
+        resolved.setdefault(later_group, {})
     parts = {name: _typed(resolved.get(name), schema, name)
              for name, schema in GROUP_SCHEMAS.items()}
     settings = Settings(**parts, objective=resolved.get("objective", "accuracy_per_mb"))

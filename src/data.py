@@ -51,6 +51,7 @@ class Dataset:
     y_test: np.ndarray
     class_names: list[str]
     fingerprint: str
+    train_fingerprint: str = ""  # the train/validation part only (the baseline cache key)
 
     @property
     def num_classes(self) -> int:
@@ -86,7 +87,12 @@ def load(cfg: DataConfig, cache_dir: str | Path) -> Dataset:
     digest = hashlib.sha256(
         f"{source}|{cfg.image_size}|{cfg.val_fraction}|{cfg.limit_train}|{cfg.limit_test}".encode()
     ).hexdigest()[:16]
-    return Dataset(x_train, y_train, x_val, y_val, x_test, y_test, classes, digest)
+    # Synthetic train images are drawn before the test ones, so n_test does not change them.
+    train_source = f"synthetic:{cfg.num_classes}:{cfg.n_train}:{cfg.noise}:{cfg.seed}" \
+        if cfg.name == "synthetic" else source
+    train_digest = hashlib.sha256(f"{train_source}|{cfg.image_size}|{cfg.val_fraction}|"
+                                  f"{cfg.limit_train}".encode()).hexdigest()[:16]
+    return Dataset(x_train, y_train, x_val, y_val, x_test, y_test, classes, digest, train_digest)
 
 
 def subsample(x: np.ndarray, y: np.ndarray, limit: int | None, seed: int = 0):

@@ -18,20 +18,20 @@ def build(cfg: ModelConfig, num_classes: int) -> keras.Model:
     inputs = keras.Input((cfg.input_size, cfg.input_size, 3), name="image")
     # Scaling inside the model means the exported TFLite file takes raw pixels.
     scaled = layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(inputs)
-    model = builders[cfg.name](cfg, inputs, scaled, num_classes)
-    if cfg.bn_momentum is not None:
-        for layer in model.layers:
-            if isinstance(layer, layers.BatchNormalization):
-                layer.momentum = cfg.bn_momentum
-    return model
+    return builders[cfg.name](cfg, inputs, scaled, num_classes)
 
 
 def _mobilenetv2(cfg: ModelConfig, inputs, scaled, num_classes: int) -> keras.Model:
     """Returns the stock keras.applications MobileNetV2 (the reference study's model)."""
-    return keras.applications.MobileNetV2(
+    model = keras.applications.MobileNetV2(
         input_tensor=scaled, alpha=cfg.alpha, weights=None, classes=num_classes,
         include_top=True, classifier_activation="softmax",
     )
+    if cfg.bn_momentum is not None:  # keras.applications fixes it at 0.999 otherwise
+        for layer in model.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = cfg.bn_momentum
+    return model
 
 
 def _make_divisible(value: float, divisor: int = 8) -> int:

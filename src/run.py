@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from src import baseline, data, measure, model_file, quantize, speed, tracking, units
+from src import baseline, data, distill, measure, model_file, quantize, speed, tracking, units
 from src.config import ConfigError, Settings, register_resolvers, settings_from
 from src.data import DataError
 from src.keras_env import keras
@@ -32,6 +32,7 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     """
     clock = measure.Stopwatch()
     settings = settings_from(cfg)  # bad settings fail here, before data or training
+    distill.check_teacher(settings.distill, settings.paths.cache_dir)
     keras.backend.clear_session()
     keras.utils.set_random_seed(settings.train.seed)
     own = None  # model=file: the loaded model is the baseline, and the data fit its input
@@ -62,9 +63,15 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             clock.add("train", base.train_seconds)
             clock.add("evaluate", base.evaluate_seconds)
         tracking.set_tags({"baseline_reused": base.reused})
+        if base.resumed_from_epoch:
+            tracking.set_tags({"resumed_from_epoch": base.resumed_from_epoch})
         tracking.log_history("baseline", base.history)
+        teacher = distill.teacher_for(settings.distill, base.model, base.test_accuracy,
+                                      settings.paths.cache_dir, dataset.x_test, dataset.y_test,
+                                      ) if settings.prune.finetune_epochs else None
         with clock("train"):  # masks or tfmot wrappers, and fine-tuning when configured
-            result = prune(base.model, settings.prune, dataset, settings.train, callbacks)
+            result = prune(base.model, settings.prune, dataset, settings.train, callbacks,
+                           distill=teacher)
         tracking.log_history("finetune", result.history)
         # The schedule in steps, as tfmot ran it (frequency may be clamped to the steps there are).
         tracking.log_params({f"prune_steps.{k}": v for k, v in result.schedule_steps.items()})
@@ -75,6 +82,8 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             (out_dir / name).write_text(text)
             files.append(out_dir / name)
         metrics["baseline_test_accuracy"] = base.test_accuracy
+        if teacher:
+            metrics["teacher_test_accuracy"] = teacher.test_accuracy
         metrics.update({f"{phase}_seconds": seconds for phase, seconds in clock.totals().items()})
         tracking.log_metrics(metrics)
         tracking.log_artifacts([*files, out_dir / "config.yaml"])

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import numpy as np
 
+from src.checkpoint import EpochCheckpoint
 from src.config import TrainConfig
+from src.distill import Distillation, Distiller
 from src.keras_env import keras, tf
 
 
@@ -43,31 +46,29 @@ def random_crop(images: tf.Tensor, pad: int) -> tf.Tensor:
     return tf.gather(cropped, cols, axis=2, batch_dims=1)
 
 
-class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to the peak rate, then cosine decay to zero (or constant)."""
+# Raise whenever training code changes what a given recipe learns: the baseline cache is
+# keyed on it (with the recipe, architecture, data and library versions), not on source text.
+RECIPE_VERSION = 3
 
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int, cosine: bool = True):
-        self.peak, self.warmup_steps, self.total_steps, self.cosine = (
-            peak, warmup_steps, max(total_steps, 1), cosine)
 
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        warm = self.peak * (step + 1) / max(self.warmup_steps, 1)
-        progress = tf.clip_by_value(
-            (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 0.0, 1.0)
-        decayed = self.peak * 0.5 * (1 + tf.cos(math.pi * progress)) if self.cosine else self.peak
-        return tf.where(step < self.warmup_steps, warm, decayed)
-
-    def get_config(self) -> dict:
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "cosine": self.cosine}
+def make_schedule(cfg: TrainConfig, lr: float, epochs: int, steps_per_epoch: int,
+                  warmup_epochs: float) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Returns linear warm-up to lr, then cosine decay to zero (or lr held constant)."""
+    warmup = int(warmup_epochs * steps_per_epoch)
+    decay = max(epochs * steps_per_epoch - warmup, 1)
+    # alpha=1 keeps the rate at its peak: the constant schedule, warm-up included.
+    floor = 0.0 if cfg.schedule == "cosine" else 1.0
+    if not warmup:
+        return keras.optimizers.schedules.CosineDecay(lr, decay, alpha=floor)
+    # Warm-up starts one step in (lr / warmup), as the hand-written schedule did, not at zero.
+    return keras.optimizers.schedules.CosineDecay(lr / warmup, decay, alpha=floor,
+                                                  warmup_target=lr, warmup_steps=warmup)
 
 
 def make_optimizer(cfg: TrainConfig, lr: float, epochs: int, steps_per_epoch: int,
                    warmup_epochs: float) -> keras.optimizers.Optimizer:
     """Returns the configured optimizer with decoupled weight decay and the lr schedule."""
-    schedule = WarmupCosine(lr, int(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch,
-                            cosine=cfg.schedule == "cosine")
+    schedule = make_schedule(cfg, lr, epochs, steps_per_epoch, warmup_epochs)
     decay = cfg.weight_decay or None
     if cfg.optimizer == "sgd":
         return keras.optimizers.SGD(schedule, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
@@ -85,6 +86,7 @@ def compile_model(model: keras.Model, cfg: TrainConfig, lr: float, epochs: int,
         loss=keras.losses.CategoricalCrossentropy(from_logits=not ends_in_softmax(model),
                                                   label_smoothing=cfg.label_smoothing),
         metrics=["accuracy"],
+        jit_compile=cfg.jit_compile,
     )
 
 
@@ -110,17 +112,32 @@ class RaiseOnNaN(keras.callbacks.Callback):
 
 def fit(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
         y_val: np.ndarray, num_classes: int, cfg: TrainConfig, *, epochs: int, lr: float,
-        warmup_epochs: float, callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
-    """Trains the model in place and returns its per-epoch history."""
+        warmup_epochs: float, callbacks: Sequence[keras.callbacks.Callback] = (),
+        checkpoint: EpochCheckpoint | None = None, distill: Distillation | None = None) -> dict:
+    """Trains the model in place and returns its per-epoch history.
+
+    With a checkpoint, training resumes after the newest valid entry's epoch and saves
+    one every few epochs; the history returned then covers all epochs, resumed ones too.
+    With distill, the loss mixes the labels with the teacher's softened outputs.
+    """
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
     steps = math.ceil(len(x_train) / cfg.batch_size)
-    compile_model(model, cfg, lr, epochs, steps, warmup_epochs)
+    trained = Distiller(model, distill) if distill else model
+    compile_model(trained, cfg, lr, epochs, steps, warmup_epochs)
+    initial_epoch = checkpoint.restore(trained) if checkpoint else 0
+    if initial_epoch:
+        print(f"resuming training after epoch {initial_epoch} of {epochs} from the checkpoint "
+              f"in {checkpoint.folder}", file=sys.stderr, flush=True)
     train_data = input_pipeline(x_train, y_train, num_classes, cfg, training=True)
     val_data = input_pipeline(x_val, y_val, num_classes, cfg, training=False) \
         if len(x_val) else None
-    history = model.fit(train_data, validation_data=val_data, epochs=epochs,
-                        callbacks=[RaiseOnNaN(), *callbacks], verbose=cfg.verbose)
+    extra = [checkpoint] if checkpoint else []
+    history = trained.fit(train_data, validation_data=val_data, epochs=epochs,
+                          initial_epoch=initial_epoch,
+                          callbacks=[RaiseOnNaN(), *callbacks, *extra], verbose=cfg.verbose)
+    if checkpoint:
+        return checkpoint.history
     return {k: [float(v) for v in values] for k, values in history.history.items()}
 
 

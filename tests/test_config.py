@@ -23,6 +23,7 @@ GROUP_OPTIONS = {
     "train": ["default"],
     "prune": ["none", "flat", "layer", "tfmot", "channel"],
     "quant": ["none", "dynamic", "int8", "float16"],
+    "distill": ["none", "kd"],
     "tracking": ["mlflow"],
     "measure": ["default"],
     "paths": ["default"],

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from src.config import PruneConfig, TrainConfig
 from src.data import Dataset
+from src.distill import Distillation
 from src.keras_env import keras
 from src.prune.channel import prune_channel
 from src.prune.common import KERNEL_ATTRIBUTE, PruneResult, prunable_kernels
@@ -20,8 +21,12 @@ METHODS = {"flat": prune_magnitude, "layer": prune_magnitude, "tfmot": prune_tfm
 
 
 def prune(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg: TrainConfig,
-          callbacks: Sequence[keras.callbacks.Callback] = ()) -> PruneResult:
-    """Returns the model pruned as configured (fine-tuned if asked), wrappers stripped."""
+          callbacks: Sequence[keras.callbacks.Callback] = (),
+          distill: Distillation | None = None) -> PruneResult:
+    """Returns the model pruned as configured (fine-tuned if asked), wrappers stripped.
+
+    With distill, fine-tuning learns from the teacher's softened outputs too.
+    """
     if cfg.method == "none":
         return PruneResult(model)
-    return METHODS[cfg.method](model, cfg, data, train_cfg, callbacks)
+    return METHODS[cfg.method](model, cfg, data, train_cfg, callbacks, distill)

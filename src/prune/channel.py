@@ -17,6 +17,7 @@ import numpy as np
 
 from src.config import ConfigError, PruneConfig, TrainConfig
 from src.data import Dataset
+from src.distill import Distillation
 from src.keras_env import keras
 from src.prune.common import PruneResult
 from src.prune.graph import ChannelGraph, ChannelGroup, build_graph
@@ -159,7 +160,7 @@ def remove_channels(model: keras.Model, cfg: PruneConfig) -> keras.Model:
 
 def prune_channel(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg: TrainConfig,
                   callbacks: Sequence[keras.callbacks.Callback] = (),
-                  distill=None) -> PruneResult:
+                  distill: Distillation | None = None) -> PruneResult:
     """Returns the channel-pruned model, fine-tuned and magnitude-pruned as configured.
 
     With prune.magnitude_rate > 0, flat magnitude masks are applied right after the channels
@@ -168,15 +169,15 @@ def prune_channel(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg
     """
     smaller = remove_channels(model, cfg)
     artifacts = {TABLE_NAME: channel_table(model, smaller)}
-    extra = {"distill": distill} if distill is not None else {}  # until fit takes it everywhere
     if cfg.magnitude_rate > 0:
         flat = dataclasses.replace(cfg, method="flat", rate=cfg.magnitude_rate)
-        result = prune_magnitude(smaller, flat, data, train_cfg, callbacks, **extra)
+        result = prune_magnitude(smaller, flat, data, train_cfg, callbacks, distill)
         return dataclasses.replace(result, artifacts=artifacts)
     history = {}
     if cfg.finetune_epochs:
         history = fit(smaller, data.x_train, data.y_train, data.x_val, data.y_val,
                       data.num_classes, train_cfg, epochs=cfg.finetune_epochs,
-                      lr=cfg.finetune_lr, warmup_epochs=0, callbacks=list(callbacks), **extra)
+                      lr=cfg.finetune_lr, warmup_epochs=0, callbacks=list(callbacks),
+                      distill=distill)
     return PruneResult(smaller, history, {}, artifacts)
 

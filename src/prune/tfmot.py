@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from src.config import ConfigError, PruneConfig, TrainConfig
 from src.data import Dataset
+from src.distill import Distillation
 from src.keras_env import keras, tfmot
 from src.prune.common import PruneResult
 from src.train import fit
@@ -39,7 +40,8 @@ def tfmot_schedule_steps(cfg: PruneConfig, total_steps: int) -> dict:
 
 
 def prune_tfmot(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg: TrainConfig,
-                 callbacks: Sequence[keras.callbacks.Callback]) -> PruneResult:
+                 callbacks: Sequence[keras.callbacks.Callback],
+                 distill: Distillation | None = None) -> PruneResult:
     sparsity = tfmot.sparsity.keras
     total = cfg.finetune_epochs * math.ceil(len(data.x_train) / train_cfg.batch_size)
     steps = tfmot_schedule_steps(cfg, total)
@@ -56,5 +58,5 @@ def prune_tfmot(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg: 
     )
     history = fit(wrapped, data.x_train, data.y_train, data.x_val, data.y_val, data.num_classes,
                   train_cfg, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, warmup_epochs=0,
-                  callbacks=[sparsity.UpdatePruningStep(), *callbacks])
+                  callbacks=[sparsity.UpdatePruningStep(), *callbacks], distill=distill)
     return PruneResult(sparsity.strip_pruning(wrapped), history, steps)

@@ -1,0 +1,186 @@
+"""Training: the learning-rate schedule, resumable checkpoints and the baseline cache key."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from src import baseline, train
+from src.checkpoint import EpochCheckpoint
+from src.config import PROJECT_ROOT, AugmentConfig, TrainConfig, compose_config, settings_from
+from src.data import load
+from src.keras_env import keras
+from tests.conftest import TINY, runs_of
+
+
+def test_schedule_warms_up_then_decays_to_zero_or_holds():
+    cosine = train.make_schedule(TrainConfig(schedule="cosine"), 0.1, 10, 10, 1)
+    constant = train.make_schedule(TrainConfig(schedule="constant"), 0.1, 10, 10, 1)
+    assert float(cosine(0)) == pytest.approx(0.01)  # one step into the warm-up, as before
+    assert float(cosine(10)) == pytest.approx(0.1)
+    assert float(cosine(55)) == pytest.approx(0.05, abs=1e-3)  # half way down the cosine
+    assert float(cosine(100)) == pytest.approx(0.0, abs=1e-7)
+    assert float(constant(5)) < 0.1 and float(constant(10)) == pytest.approx(0.1)
+    assert float(constant(100)) == pytest.approx(0.1)
+    no_warmup = train.make_schedule(TrainConfig(), 0.1, 10, 10, 0)
+    assert float(no_warmup(0)) == pytest.approx(0.1)
+
+
+def _tiny_fit(cfg: TrainConfig, folder: Path, epochs: int, model=None):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (64, 8, 8, 3), dtype=np.uint8)
+    y = rng.integers(0, 2, 64)
+    model = model or keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                                       keras.layers.Dense(2, activation="softmax")])
+    checkpoint = EpochCheckpoint(folder, cfg.checkpoint_every)
+    history = train.fit(model, x, y, x[:0], y[:0], 2, cfg, epochs=epochs, lr=0.01,
+                        warmup_epochs=0, checkpoint=checkpoint)
+    return model, checkpoint, history
+
+
+def test_checkpoint_restores_weights_optimizer_and_epoch_exactly(tmp_path):
+    cfg = TrainConfig(batch_size=16, verbose=0, augment=AugmentConfig(0, False))
+    model, _, history = _tiny_fit(cfg, tmp_path / "ckpt", epochs=2)
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["epoch-0002"]
+    assert len(history["loss"]) == 2
+    fresh = keras.models.clone_model(model)
+    train.compile_model(fresh, cfg, 0.01, 2, 4, 0)
+    restored = EpochCheckpoint(tmp_path / "ckpt")
+    assert restored.restore(fresh) == 2
+    assert int(fresh.optimizer.iterations) == 8  # 2 epochs of 4 steps: the schedule's place
+    for saved, loaded in zip(model.optimizer.variables, fresh.optimizer.variables):
+        np.testing.assert_array_equal(saved.numpy(), loaded.numpy())
+    for saved, loaded in zip(model.get_weights(), fresh.get_weights()):
+        np.testing.assert_array_equal(saved, loaded)
+    assert restored.history == history
+
+
+def test_checkpoint_every_n_epochs_keeps_the_last(tmp_path):
+    cfg = TrainConfig(batch_size=16, verbose=0, checkpoint_every=2)
+    _, checkpoint, history = _tiny_fit(cfg, tmp_path / "ckpt", epochs=3)
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["epoch-0003"]  # 2, then the end
+    assert len(history["loss"]) == 3 and checkpoint.resumed_from_epoch == 0
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated_state", "partial"])
+def test_bad_checkpoint_is_discarded_with_a_warning(tmp_path, capsys, damage):
+    cfg = TrainConfig(batch_size=16, verbose=0)
+    model, _, _ = _tiny_fit(cfg, tmp_path / "ckpt", epochs=1)
+    entry = tmp_path / "ckpt" / "epoch-0001"
+    if damage == "corrupt":
+        data = next(entry.glob("ckpt.data-*"))
+        data.write_bytes(b"\0" * data.stat().st_size)
+        named = data.name
+    elif damage == "truncated_state":
+        state = entry / "state.json"
+        state.write_text(state.read_text()[:20])
+        named = "state.json"
+    else:  # a write the process did not finish: only the temporary folder exists
+        partial = tmp_path / "ckpt" / ".partial-abc"
+        entry.rename(partial)
+        named = ".partial-abc"
+    fresh = keras.models.clone_model(model)
+    train.compile_model(fresh, cfg, 0.01, 1, 4, 0)
+    assert EpochCheckpoint(tmp_path / "ckpt").restore(fresh) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and named in warnings[0] and "discarding" in warnings[0]
+    assert list((tmp_path / "ckpt").iterdir()) == []  # not loaded, not kept
+    assert int(fresh.optimizer.iterations) == 0
+
+
+def _key(make_cfg, *overrides: str) -> str:
+    settings = settings_from(make_cfg(*overrides))
+    dataset = load(settings.data, settings.paths.cache_dir)
+    return baseline.baseline_key(dataset, settings.data, settings.model, settings.train)
+
+
+def test_cache_key_covers_what_shapes_the_weights_only(make_cfg, monkeypatch):
+    key = _key(make_cfg)
+    assert _key(make_cfg, "data.n_test=32") == key
+    assert _key(make_cfg, "++data.limit_test=10") == key
+    assert _key(make_cfg, "train.verbose=2", "++train.checkpoint_every=3") == key
+    assert _key(make_cfg, "train.lr=0.05") != key  # the recipe
+    assert _key(make_cfg, "++data.limit_train=100") != key  # the training data
+    assert _key(make_cfg, "model.filters=[4,8,16]") != key  # the architecture
+    monkeypatch.setattr(baseline, "RECIPE_VERSION", baseline.RECIPE_VERSION + 1)
+    assert _key(make_cfg) != key  # training code that learns differently
+
+
+def test_cache_key_ignores_source_text(make_cfg, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(PROJECT_ROOT / "src", copy / "src")
+    shutil.copytree(PROJECT_ROOT / "conf", copy / "conf")
+    source = (copy / "src" / "train.py").read_text()
+    edited = source.replace('"""Training:', '"""Edited. Training:', 1)
+    assert edited != source
+    (copy / "src" / "train.py").write_text(edited)
+    script = ("import sys; from tests_key import key; print(key(sys.argv[1:]))")
+    (copy / "tests_key.py").write_text(
+        "from src.baseline import baseline_key\nfrom src.config import compose_config, "
+        "settings_from\nfrom src.data import load\n\n\ndef key(overrides):\n"
+        "    s = settings_from(compose_config(overrides))\n"
+        "    d = load(s.data, s.paths.cache_dir)\n"
+        "    return baseline_key(d, s.data, s.model, s.train)\n")
+    overrides = [f"paths.root={tmp_path}", *TINY["data"], *TINY["model"], *TINY["train"]]
+    key = subprocess.run([sys.executable, "-c", script, *overrides], cwd=copy, text=True,
+                            capture_output=True, check=True).stdout.split()[-1]
+    assert key == _key(make_cfg)
+
+
+def test_smaller_test_split_reuses_the_baseline_and_reevaluates(make_cfg):
+    settings = settings_from(make_cfg())
+    full = load(settings.data, settings.paths.cache_dir)
+    key = baseline.baseline_key(full, settings.data, settings.model, settings.train)
+    trained = baseline.load_or_train(key, settings.paths.cache_dir, full, settings.model,
+                                     settings.train)
+    small_settings = settings_from(make_cfg("++data.limit_test=16"))
+    small = load(small_settings.data, small_settings.paths.cache_dir)
+    reused = baseline.load_or_train(key, settings.paths.cache_dir, small, settings.model,
+                                    settings.train)
+    assert not trained.reused and reused.reused
+    assert reused.test_accuracy == pytest.approx(train.evaluate(reused.model, small.x_test,
+                                                                small.y_test))
+    assert not baseline.checkpoint_dir(settings.paths.cache_dir, key).exists()  # removed
+
+
+def test_killed_baseline_training_resumes_at_epoch_3(tmp_path):
+    overrides = [f"paths.root={tmp_path}", "data=synthetic", "data.n_train=600",
+                 "data.n_test=64", "data.num_classes=4", *TINY["model"], "train.epochs=4",
+                 "train.batch_size=32", "train.verbose=2"]
+    command = [sys.executable, "-m", "src.run", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    baselines = Path(settings_from(compose_config(overrides)).paths.cache_dir) / "baselines"
+    deadline = time.monotonic() + 300
+    while not list(baselines.glob("*.ckpt/epoch-0002")):  # the event: epoch 2 is on disk
+        assert first.poll() is None and time.monotonic() < deadline, "no epoch-2 checkpoint"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert [p.name for p in baselines.glob("*.ckpt/epoch-*")] == ["epoch-0002"]
+
+    second = subprocess.run(command, cwd=PROJECT_ROOT, env=env, text=True, timeout=300,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert second.returncode == 0, second.stdout[-3000:]
+    epochs = [line.split()[1] for line in second.stdout.splitlines()
+              if line.startswith("Epoch ")]
+    assert epochs[:2] == ["3/4", "4/4"]  # baseline epochs trained after the resume
+    assert "resuming training after epoch 2 of 4" in second.stdout
+    assert not list(baselines.glob("*.ckpt"))  # removed once the baseline is stored
+    meta = json.loads(next(baselines.glob("*/meta.json")).read_text())
+    assert len(meta["history"]["loss"]) == 4 and meta["resumed_from_epoch"] == 2
+    finished = [r for r in runs_of(compose_config(overrides)) if r.info.status == "FINISHED"]
+    assert [r.data.tags["resumed_from_epoch"] for r in finished] == ["2"]  # the run says so
+    curve = mlflow.MlflowClient().get_metric_history(finished[0].info.run_id, "baseline_loss")
+    assert len(curve) == 4  # the whole baseline history, resumed epochs included
