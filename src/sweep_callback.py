@@ -83,8 +83,9 @@ class SweepRun(Callback):
             client.set_tag(self.run_id, "mlflow.note.content", text.splitlines()[0])
         except (ValueError, OSError) as error:  # no plot must hide the sweep's outcome
             print(f"sweep {identity}: no summary ({error})")
-        client.log_metric(self.run_id, "jobs_finished", len(jobs) - len(failed))
-        client.log_metric(self.run_id, "jobs_failed", len(failed))
+        # Tags, not metrics: the UI's default charts would plot these counts for every sweep.
+        client.set_tag(self.run_id, "jobs_finished", str(len(jobs) - len(failed)))
+        client.set_tag(self.run_id, "jobs_failed", str(len(failed)))
         parent, status = self.run_id, RunStatus.FAILED if failed else RunStatus.FINISHED
         self._close(status)
         if failed:
