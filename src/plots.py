@@ -67,7 +67,7 @@ def accuracy_vs_size(points: Sequence[Point], title: str, path: Path,
     _label_log_axis(axes, [p.size_kb for p in shown])
     axes.set(xlabel=f"{size_name} (KB, log scale)", ylabel="TFLite test accuracy", title=title)
     axes.grid(alpha=0.3, which="both")
-    axes.legend(fontsize=8, loc="best")
+    _legend(axes)
     return _save(figure, path)
 
 
@@ -111,7 +111,7 @@ def accuracy_vs_rate(series: dict[str, list[tuple[float, float, float]]], dense:
     axes.set(xlabel="pruning rate (fraction of prunable weights removed)",
              ylabel="test accuracy", title=title)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="best")
+    _legend(axes)
     return _save(figure, path)
 
 
@@ -133,7 +133,7 @@ def history(series: dict[str, tuple[list[int], list[float], bool]], title: str,
                   label="best so far (" + ("max" if maximize else "min") + ")")
         axes.set_ylabel(name)
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=8, loc="best")
+        _legend(axes)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     panels[0].set_title(title)
     panels[-1].set_xlabel("trial number")
@@ -164,6 +164,11 @@ def sizes(labels: Sequence[str], values_kb: Sequence[float], title: str, path: P
     axes.set(ylabel="KB", title=title)
     axes.margins(y=0.15)
     return _save(figure, path)
+
+
+def _legend(axes) -> None:
+    if axes.get_legend_handles_labels()[0]:  # a sweep whose jobs all failed has nothing to list
+        axes.legend(fontsize=8, loc="best")
 
 
 def _save(figure: Figure, path: Path) -> Path:
