@@ -106,7 +106,8 @@ def _filter_native_stderr() -> None:
 
 def _drain(real_stderr: int) -> None:
     """Restores the real stderr and lets the filter print what it still holds."""
-    sys.stderr.flush()
+    if sys.stderr is not None:
+        sys.stderr.flush()
     os.dup2(real_stderr, 2)
     try:
         _filter.wait(timeout=5)  # ends at end of input, unless a child still holds the pipe
