@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -25,6 +27,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from src.config import PROJECT_ROOT
+from src.tracking import flatten
 from src.units import KB, MB
 
 RESULTS = PROJECT_ROOT / "results"
@@ -56,11 +59,44 @@ def row_name(config: dict) -> str:
     return "-".join(parts)
 
 
+class CollectError(Exception):
+    """A run or experiment that cannot be collected; the message names it."""
+
+
+# Settings that say where a run wrote or how it printed, not what it computed.
+NOT_RESULT = ("paths.", "tracking.", "train.verbose", "objective")
+
+
+def result_settings(config: dict) -> dict[str, str]:
+    """Returns the config's settings that shape the result, flattened to dotted keys."""
+    return {key: json.dumps(value, sort_keys=True) for key, value in flatten(config).items()
+            if not key.startswith(NOT_RESULT)}
+
+
+def unique_names(settings: list[dict[str, str]], base: list[str]) -> list[str]:
+    """Returns the base names, each one that several different configs share made unique by
+    adding the settings in which they differ (e.g. ``-prune.finetune_lr=0.001``)."""
+    names = []
+    for mine, name in zip(settings, base):
+        group = [other for other, same in zip(settings, base) if same == name]
+        differing = sorted({k for other in group for k in {*mine, *other}
+                            if other.get(k) != mine.get(k)})
+        suffix = [f"{k}={json.loads(mine[k]) if k in mine else '-'}" for k in differing]
+        names.append("-".join([name, *(re.sub(r"[^A-Za-z0-9._=+-]", "_", s) for s in suffix)]))
+    return names
+
+
 def collect(experiments: list[str], uri: str, results: Path,
             max_model_bytes: int) -> list[dict]:
-    """Returns the rows of the experiments' finished runs (newest run per name), copying the
-    files that re-evaluate them into results/models/."""
+    """Returns one row per distinct config of the experiments' finished runs, and replaces
+    results/models/ with the files that re-evaluate them once every row has been read.
+
+    Artifacts are read through MLflow's artifact API, so a tracking server with proxied
+    artifacts and runs logged from other machines are read like a local store. Runs with
+    identical result settings are merged: the newest is kept and the others are listed in
+    its row's ``merged_runs`` (and printed)."""
     mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
     found = {}
     for experiment in experiments:
         found[experiment] = mlflow.search_runs(experiment_names=[experiment],
@@ -68,48 +104,85 @@ def collect(experiments: list[str], uri: str, results: Path,
                                                filter_string="attributes.status = 'FINISHED'",
                                                order_by=["attributes.start_time DESC"])
         if not found[experiment]:
-            raise SystemExit(f"error: --experiment {experiment}: no finished runs at {uri}")
-    # Only now, with every experiment found, the old files go: only the current rows' stay.
-    shutil.rmtree(results / "models", ignore_errors=True)
-    rows: dict[tuple[str, str], dict] = {}
-    for experiment, runs in found.items():
-        for run in runs:
-            artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
-            if "tflite_bytes" not in run.data.metrics or not (artifacts / "config.yaml").exists():
-                continue  # summaries and search parents, not experiments
-            config = yaml.safe_load((artifacts / "config.yaml").read_text())
-            name = row_name(config)
-            if (experiment, name) in rows:
-                continue
-            row = {"name": name, "experiment": experiment, "run_id": run.info.run_id,
-                   "command": run.data.tags.get("command", ""),
-                   **{k: run.data.metrics.get(k) for k in METRICS},
-                   "config": config, "check": None, "file": None}
-            _attach_check(row, artifacts / "model.tflite", run.data.tags.get("baseline_key"),
-                          results, max_model_bytes)
-            rows[experiment, name] = row
-    return sorted(rows.values(), key=lambda r: (r["experiment"], r["name"]))
+            raise CollectError(f"--experiment {experiment}: no finished runs at {uri}")
+    with tempfile.TemporaryDirectory(prefix="collect-") as scratch:
+        staging = Path(scratch)
+        rows, settings = [], []
+        for experiment, runs in found.items():
+            for run in runs:  # newest first, so the newest of identical configs is kept
+                if "tflite_bytes" not in run.data.metrics:
+                    continue  # summaries and search parents, not experiments
+                config = _read_config(client, run, experiment, staging)
+                mine = {"experiment": experiment, **result_settings(config)}
+                if mine in settings:
+                    kept = rows[settings.index(mine)]
+                    kept["merged_runs"].append(run.info.run_id)
+                    print(f"note: {experiment} run {run.info.run_id} has the same settings as "
+                          f"the newer run {kept['run_id']}; kept the newer one")
+                    continue
+                settings.append(mine)
+                rows.append({"name": row_name(config), "experiment": experiment,
+                             "run_id": run.info.run_id,
+                             "command": run.data.tags.get("command", ""),
+                             **{k: run.data.metrics.get(k) for k in METRICS},
+                             "config": config, "check": None, "file": None,
+                             "merged_runs": [], "baseline_key": run.data.tags.get("baseline_key")})
+        names = unique_names(settings, [f"{r['experiment']}/{r['name']}" for r in rows])
+        for row, name in zip(rows, names):
+            row["name"] = name.split("/", 1)[1]
+            _attach_check(row, client, staging, results, max_model_bytes)
+        # Every row is read: only now are the old files replaced by the current rows'.
+        shutil.rmtree(results / "models", ignore_errors=True)
+        if (staging / "models").exists():
+            shutil.copytree(staging / "models", results / "models")
+    for row in rows:
+        del row["baseline_key"]
+    return sorted(rows, key=lambda r: (r["experiment"], r["name"]))
 
 
-def _attach_check(row: dict, tflite: Path, baseline_key: str | None, results: Path,
+def _read_config(client: mlflow.MlflowClient, run: mlflow.entities.Run, experiment: str,
+                 staging: Path) -> dict:
+    """Returns the run's logged config.yaml, or raises CollectError naming the run."""
+    run_id = run.info.run_id
+    if "config.yaml" not in {a.path for a in client.list_artifacts(run_id)}:
+        raise CollectError(f"run {run_id} ({run.info.run_name}) in experiment {experiment}: "
+                           f"has metrics but no config.yaml artifact at {run.info.artifact_uri}")
+    path = client.download_artifacts(run_id, "config.yaml", str(_mkdir(staging / run_id)))
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _attach_check(row: dict, client: mlflow.MlflowClient, staging: Path, results: Path,
                   max_model_bytes: int) -> None:
-    """Copies what re-evaluates the row into results/models/ and names it in the row."""
-    models = results / "models"
-    models.mkdir(parents=True, exist_ok=True)
+    """Stages what re-evaluates the row under staging/models/ and names it in the row."""
+    models = _mkdir(staging / "models")
     if row["tflite_bytes"] <= max_model_bytes:
         target = models / f"{row['experiment']}-{row['name']}.tflite"
-        shutil.copyfile(tflite, target)
-        row["check"], row["file"] = "tflite", str(target.relative_to(results))
+        try:
+            downloaded = client.download_artifacts(row["run_id"], "model.tflite",
+                                                   str(_mkdir(staging / row["run_id"])))
+        except (mlflow.exceptions.MlflowException, OSError) as error:
+            raise CollectError(f"run {row['run_id']} ({row['experiment']} / {row['name']}): "
+                               f"cannot read its model.tflite artifact: {error}") from None
+        shutil.copyfile(downloaded, target)
+        row["check"], row["file"] = "tflite", f"models/{target.name}"
         return
-    prune = row["config"]["prune"]
-    source = Path(row["config"]["paths"]["cache_dir"]) / "baselines" / str(baseline_key) / \
-        "model.h5"
+    prune, key = row["config"]["prune"], row["baseline_key"]
+    name = f"{row['config']['model']['name']}-dense-{key}.h5"
+    target = models / name
+    # The dense baseline is not an artifact: it is in this machine's cache, or committed.
+    sources = [Path(row["config"]["paths"]["cache_dir"]) / "baselines" / str(key) / "model.h5",
+               results / "models" / name]
+    source = next((s for s in sources if s.exists()), None)
     if prune["method"] in ("none", "flat", "layer") and not prune.get("finetune_epochs") \
-            and source.exists():
-        target = models / f"{row['config']['model']['name']}-dense-{baseline_key}.h5"
+            and source is not None:
         if not target.exists():
             shutil.copyfile(source, target)
-        row["check"], row["file"] = "keras_oneshot", str(target.relative_to(results))
+        row["check"], row["file"] = "keras_oneshot", f"models/{name}"
 
 
 HEADER = """# Results
@@ -308,7 +381,10 @@ def main() -> None:
     args = parser.parse_args()
     experiments = args.experiment or ["reference"]
     matplotlib.use("Agg")
-    rows = collect(experiments, args.uri, args.out, args.max_model_bytes)
+    try:
+        rows = collect(experiments, args.uri, args.out, args.max_model_bytes)
+    except CollectError as error:
+        raise SystemExit(f"error: {error}") from None
     (args.out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
     command = " ".join(f"--experiment {e}" for e in experiments)
     (args.out / "README.md").write_text(render(rows, command))

@@ -34,20 +34,38 @@ class ConfigError(ValueError):
 
 
 def register_resolvers() -> None:
-    """Registers ``${project_root:}`` so default paths do not depend on the cwd."""
+    """Registers ``${project_root:}`` and each group's schema (``<group>/schema``) with Hydra.
+
+    The resolver keeps default paths independent of the cwd. Every option of a group extends
+    its schema (``defaults: [schema, _self_]``), so each key exists, typed, in every option
+    (``prune=flat,layer prune.rate=0.5`` works under --multirun) and its default lives here.
+    """
+    from hydra.core.config_store import ConfigStore
+
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+    store = ConfigStore.instance()
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group=group, name="schema", node=schema)
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str], config_name: str = "config") -> DictConfig:
     """Returns the project's config composed with overrides, as the command line would.
 
     For callers outside a running Hydra app (tests, reports, benchmarks).
     """
     from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        try:
+            return compose(config_name=config_name, overrides=overrides)
+        except ConfigCompositionException as error:  # a value the schema's type refuses
+            cause = error.__cause__
+            key = getattr(cause, "full_key", None)
+            if not key:
+                raise
+            raise ConfigError(f"{key}: {str(cause).splitlines()[0]}") from None
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -102,8 +120,8 @@ class ModelConfig:
 
     name: str
     input_size: int = 32
-    alpha: float = 1.0
-    bn_momentum: float | None = None
+    alpha: float = 1.0  # width multiplier (ResNet-8's filters too)
+    bn_momentum: float | None = 0.9  # null keeps Keras' 0.999
     dropout: float = 0.0
     # mobilenetv2_cifar
     stem_stride: int = 1
@@ -131,7 +149,7 @@ class ModelConfig:
 class AugmentConfig:
     """Training augmentation: padded random crop and horizontal flip."""
 
-    crop_padding: int = 4
+    crop_padding: int = 4  # pad then random crop back; 0 turns it off
     flip: bool = True
 
 
@@ -141,17 +159,17 @@ class TrainConfig:
 
     epochs: int = 30
     batch_size: int = 128
-    optimizer: str = "sgd"
+    optimizer: str = "sgd"  # sgd (Nesterov) | adam | adamw
     lr: float = 0.1
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float = 5e-4  # decoupled, applied by the optimizer
     warmup_epochs: float = 1.0
-    schedule: str = "cosine"
+    schedule: str = "cosine"  # cosine | constant, after the warm-up
     label_smoothing: float = 0.1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
-    deterministic: bool = False
-    verbose: int = 1
+    deterministic: bool = False  # true: bit-reproducible on CPU (TF op determinism), slower
+    verbose: int = 1  # Keras progress: 0 silent, 1 bar, 2 one line per epoch
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -174,19 +192,22 @@ class PruneConfig:
     """Weight pruning: method, target and fine-tuning."""
 
     method: str = "none"
-    rate: float = 0.0
-    min_density: float = 0.0
+    rate: float = 0.5  # flat, layer: the fraction of prunable weights set to zero
+    min_density: float = 0.0  # flat: keep at least this fraction of every layer
     layer_types: list[str] = field(default_factory=lambda: list(PRUNABLE_TYPES))
-    finetune_epochs: int = 0
+    finetune_epochs: int = 0  # 0 = one-shot (the reference study); > 0 fine-tunes, masks held
     finetune_lr: float = 0.01
-    # tfmot
-    schedule: str = "polynomial_decay"
-    initial_sparsity: float = 0.0
-    final_sparsity: float = 0.0
+    # tfmot: prune_low_magnitude while fine-tuning; begin/end are fractions of its steps
+    schedule: str = "polynomial_decay"  # or constant (at final_sparsity)
+    initial_sparsity: float = 0.5
+    final_sparsity: float = 0.9
     begin: float = 0.0
-    end: float = 1.0
-    frequency: int = 100
-    structured_2_4: bool = False
+    end: float = 0.8
+    frequency: int = 100  # steps between mask updates
+    structured_2_4: bool = False  # 2:4 structured sparsity (50%) instead of the schedule
+    # layer (channel): an MLflow run id of `python -m src.sensitivity`; per-layer rates reaching
+    # `rate` overall, the least sensitive layers pruned hardest
+    rates_from: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.method in ("none", "flat", "layer", "tfmot"), "prune.method",
@@ -202,6 +223,8 @@ class PruneConfig:
                "must name at least one layer type")
         _check(self.finetune_epochs >= 0, "prune.finetune_epochs", "must be >= 0")
         _check(self.finetune_lr > 0, "prune.finetune_lr", "must be > 0")
+        _check(not self.rates_from or self.method in ("layer", "channel"), "prune.rates_from",
+               f"per-layer rates need prune=layer, not {self.method!r}")
         if self.method == "tfmot":
             self._check_tfmot()
 
@@ -221,22 +244,15 @@ class PruneConfig:
         _check("DepthwiseConv2D" not in self.layer_types, "prune.layer_types",
                "tfmot leaves DepthwiseConv2D kernels dense; remove it from the list")
 
-    @property
-    def target_sparsity(self) -> float:
-        """Returns the sparsity this method aims at over its prunable kernels."""
-        if self.method == "tfmot":
-            return 0.5 if self.structured_2_4 else self.final_sparsity
-        return self.rate if self.method in ("flat", "layer") else 0.0
-
-
 # ---------------------------------------------------------------------------- quant
 @dataclass
 class QuantConfig:
     """Post-training quantization of the TFLite export."""
 
     mode: str = "none"
-    representative_samples: int = 256
-    integer_io: bool = False
+    representative_samples: int = 256  # int8: calibration images, a seeded random subset
+    integer_io: bool = False  # int8: int8 input and output tensors too
+    sparse_encoding: bool = False  # store sparse weights compressed in the .tflite
 
     def __post_init__(self) -> None:
         _check(self.mode in ("none", "dynamic", "int8", "float16"), "quant.mode",
@@ -287,6 +303,18 @@ class Settings:
                f"unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
 
 
+# The schema behind each config group; settings_from checks every group against it.
+GROUP_SCHEMAS: dict[str, type] = {
+    "paths": PathsConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "prune": PruneConfig,
+    "quant": QuantConfig,
+    "tracking": TrackingConfig,
+}
+
+
 def _typed(cfg: Any, schema: type, key: str) -> Any:
     """Returns ``cfg`` as an instance of ``schema``; bad keys and types raise ConfigError."""
     if cfg is None:
@@ -303,21 +331,13 @@ def _typed(cfg: Any, schema: type, key: str) -> Any:
 
 def settings_from(cfg: DictConfig) -> Settings:
     """Returns the typed settings of a composed config, or raises ConfigError naming the key."""
-    groups = {
-        "paths": PathsConfig,
-        "data": DataConfig,
-        "model": ModelConfig,
-        "train": TrainConfig,
-        "prune": PruneConfig,
-        "quant": QuantConfig,
-        "tracking": TrackingConfig,
-    }
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as error:
         full_key = getattr(error, "full_key", None) or "config"
         raise ConfigError(f"{full_key}: {str(error).splitlines()[0]}") from None
-    parts = {name: _typed(resolved.get(name), schema, name) for name, schema in groups.items()}
+    parts = {name: _typed(resolved.get(name), schema, name)
+             for name, schema in GROUP_SCHEMAS.items()}
     settings = Settings(**parts, objective=resolved.get("objective", "accuracy_per_mb"))
     prune, model = settings.prune, settings.model
     _check(prune.method == "none" or model.name != "resnet8"

@@ -91,8 +91,11 @@ def tflite_weight_sparsity(flatbuffer: bytes) -> float:
             values = np.frombuffer(np.asarray(data, dtype=np.uint8).tobytes(), dtype=dtype)
             zero_points = tensor.quantization.zeroPoint if tensor.quantization else None
             zero = int(zero_points[0]) if zero_points is not None and len(zero_points) == 1 else 0
-            total += values.size
-            zeros += int(np.count_nonzero(values == zero))
+            # A sparse-encoded tensor (quant.sparse_encoding) stores only some of its values;
+            # the ones it leaves out are zeros.
+            size = int(np.prod(tensor.shape)) if tensor.sparsity is not None else values.size
+            total += size
+            zeros += size - int(np.count_nonzero(values != zero))
     return zeros / total if total else 0.0
 
 

@@ -12,10 +12,15 @@ from src.keras_env import keras, tf
 
 
 def to_tflite(model: keras.Model, cfg: QuantConfig, calibration: np.ndarray) -> bytes:
-    """Returns the model converted to a TFLite flatbuffer, quantized per cfg.mode."""
+    """Returns the model converted to a TFLite flatbuffer, quantized per cfg.mode (and with
+    sparse weights stored compressed when cfg.sparse_encoding)."""
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    if cfg.mode != "none":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    optimizations = [tf.lite.Optimize.DEFAULT] if cfg.mode != "none" else []
+    if cfg.sparse_encoding:
+        # Sparse weights are stored in a compressed block format where the converter deems
+        # them sparse enough; other tensors stay dense (see README, "Sparse encoding").
+        optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
+    converter.optimizations = optimizations
     if cfg.mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
     if cfg.mode == "int8":

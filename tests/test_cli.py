@@ -58,7 +58,7 @@ def make_empty_class(tmp_path: Path) -> Path:
     "overrides,expected",
     [
         (["prune=flat", "prune.rate=1.5"], "prune.rate: must be in [0, 1)"),
-        (["prune=flat", "prune.rate=abc"], "prune.rate:"),
+        (["prune=flat", "prune.rate=abc"], "full_key: prune.rate"),
         (["prune=magic"], "Could not find 'prune/magic'"),
         (["train.epochs=0"], "train.epochs: must be >= 1"),
         (["data.path={tmp}/missing.tar.gz"], "data.path: {tmp}/missing.tar.gz does not exist"),

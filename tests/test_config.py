@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from src.config import ConfigError, Settings, search_settings_from, settings_from
+from src.config import (
+    PROJECT_ROOT,
+    ConfigError,
+    Settings,
+    compose_config,
+    search_settings_from,
+    settings_from,
+)
+from tests.conftest import TINY, runs_of
 
 GROUP_OPTIONS = {
     "data": ["cifar10", "image_folder", "synthetic"],
@@ -105,3 +116,18 @@ def test_cross_group_checks(make_cfg):
 def test_missing_required_path_names_the_key(make_cfg):
     with pytest.raises(ConfigError, match=r"^data\.path"):
         settings_from(make_cfg("data=image_folder", tiny=False))
+
+
+def test_a_fixed_value_sweeps_with_the_group_options(tmp_path):
+    """Every prune option extends one schema, so prune.rate is valid beside prune=flat,layer."""
+    done = subprocess.run(
+        [sys.executable, "-m", "src.run", "--multirun", "experiment=quick", "prune=flat,layer",
+         "prune.rate=0.5", f"paths.root={tmp_path}", *TINY["data"], *TINY["model"],
+         *TINY["train"]],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = runs_of(compose_config([f"paths.root={tmp_path}"]))
+    jobs = [r for r in runs if "sweep_job" in r.data.tags]
+    assert sorted(r.data.params["prune.method"] for r in jobs) == ["flat", "layer"]
+    assert all(r.info.status == "FINISHED" for r in jobs)
+    assert all(abs(r.data.metrics["sparsity_global"] - 0.5) < 0.01 for r in jobs)

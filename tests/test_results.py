@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import matplotlib
+import mlflow
 import pytest
 
 from results import check, collect
@@ -33,7 +42,7 @@ def test_collect_then_check_reevaluates_every_row(make_cfg, tmp_path):
     assert len(lines) == 2 and all(line.startswith("ok") for line in lines), lines
 
     # A misspelt experiment is refused before any committed file is touched.
-    with pytest.raises(SystemExit, match="--experiment tabel: no finished runs"):
+    with pytest.raises(collect.CollectError, match="--experiment tabel: no finished runs"):
         collect.collect(["table", "tabel"], uri, out, max_model_bytes=10**9)
     assert all((out / r["file"]).exists() for r in rows)
 
@@ -87,3 +96,106 @@ def test_reference_section_compares_every_reference_number():
         "pruned model, zipped (.h5, 90% tfmot)": "yes",                # 2.00 < 2.16 MiB
         "quantized (int8 TFLite, 90% tfmot, zipped)": "no",            # 0.60 > 0.56 MiB
     }
+
+
+def test_runs_differing_in_one_setting_are_two_rows_and_identical_ones_merge(make_cfg, tmp_path):
+    def finetuned(lr: str):
+        return make_cfg("prune=flat", "prune.rate=0.5", "prune.finetune_epochs=1",
+                        f"prune.finetune_lr={lr}", "tracking.experiment=lr")
+
+    run(finetuned("0.01"))
+    run(finetuned("0.001"))
+    newest = finetuned("0.001")
+    run(newest)  # the same settings again: one row, the newest run's
+    out = tmp_path / "results"
+    rows = collect.collect(["lr"], newest.tracking.uri, out, max_model_bytes=10**9)
+    names = sorted(r["name"] for r in rows)
+    assert names == ["resnet8-flat-0.50-ft1-none-prune.finetune_lr=0.001",
+                     "resnet8-flat-0.50-ft1-none-prune.finetune_lr=0.01"]
+    assert len({(out / r["file"]).name for r in rows}) == 2
+    merged = next(r for r in rows if r["config"]["prune"]["finetune_lr"] == 0.001)
+    runs = mlflow.search_runs(experiment_names=["lr"], output_format="list",
+                              order_by=["attributes.start_time DESC"])
+    lr_of = {r.info.run_id: r.data.params["prune.finetune_lr"] for r in runs}
+    assert merged["run_id"] == runs[0].info.run_id  # the newest
+    assert len(merged["merged_runs"]) == 1 and lr_of[merged["merged_runs"][0]] == "0.001"
+
+
+def test_a_run_without_its_config_is_an_error_naming_it_and_nothing_changes(make_cfg,
+                                                                            tmp_path):
+    cfg = make_cfg("prune=flat", "prune.rate=0.5", "tracking.experiment=broken")
+    run(cfg)
+    out = tmp_path / "results"
+    collect.collect(["broken"], cfg.tracking.uri, out, max_model_bytes=10**9)
+    before = sorted(p.name for p in (out / "models").iterdir())
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("broken").experiment_id,
+                          run_name="lost-config") as lost:
+        mlflow.log_metric("tflite_bytes", 1000)
+    with pytest.raises(collect.CollectError, match=f"run {lost.info.run_id} \\(lost-config\\)"
+                       ".*no config.yaml"):
+        collect.collect(["broken"], cfg.tracking.uri, out, max_model_bytes=10**9)
+    assert sorted(p.name for p in (out / "models").iterdir()) == before
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _mlflow_server(root: Path) -> Iterator[Callable[[float], str]]:
+    """Starts an MLflow server on loopback that proxies artifacts to root/artifacts; yields a
+    function that waits (at most its timeout) until the server answers and returns its URL."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready(timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                return url
+            except OSError:
+                assert server.poll() is None, "the MLflow server exited at start-up"
+                assert time.monotonic() < deadline, f"no MLflow server at {url} after {timeout} s"
+                time.sleep(0.5)
+
+    try:
+        yield ready
+    finally:
+        mlflow.set_tracking_uri("sqlite://")  # let go of the server before it stops
+        server.terminate()
+        server.wait(timeout=30)
+
+
+# What differs between two stores holding the same experiments: where and when they ran.
+WHERE_AND_WHEN = ("run_id", "command", "train_seconds", "merged_runs")
+
+
+def test_collect_reads_a_server_with_proxied_artifacts_like_the_local_store(make_cfg,
+                                                                           tmp_path):
+    overrides = [("prune=flat", "prune.rate=0.5"), ("prune=layer", "prune.rate=0.5", "quant=int8")]
+    tables = {}
+    with _mlflow_server(tmp_path / "server") as ready:  # starts while the local runs run
+        for store in ("local", "server"):
+            tracking = [] if store == "local" else [f"tracking.uri={ready(180)}",
+                                                    "tracking.artifact_location=null"]
+            for extra in overrides:  # one-shot rows from one cached baseline: same numbers
+                cfg = make_cfg(*extra, "tracking.experiment=table", *tracking)
+                run(cfg)
+            out = tmp_path / store
+            rows = collect.collect(["table"], cfg.tracking.uri, out, max_model_bytes=10**9)
+            tables[store] = [{k: v for k, v in row.items() if k not in WHERE_AND_WHEN}
+                             | {"config": {k: v for k, v in row["config"].items()
+                                           if k != "tracking"},
+                                "bytes": (out / row["file"]).read_bytes()} for row in rows]
+        server_run = mlflow.MlflowClient(ready(0)).get_run(rows[0]["run_id"])
+    assert server_run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied, not a path
+    assert len(tables["server"]) == 2
+    assert tables["server"] == tables["local"]

@@ -13,6 +13,7 @@ import numpy as np
 from src.config import ConfigError, PruneConfig, TrainConfig
 from src.data import Dataset
 from src.keras_env import keras, tf
+from src.prune import allocate
 from src.prune.common import PruneResult, prunable_kernels
 from src.train import fit
 
@@ -43,10 +44,13 @@ def flat_masks(
     return _split_like(keep_mask, weights)
 
 
-def layer_masks(weights: Sequence[np.ndarray], rate: float) -> list[np.ndarray]:
-    """Returns 0/1 masks zeroing round(rate * n) of the smallest weights in each layer."""
+def layer_masks(weights: Sequence[np.ndarray], rate: float | Sequence[float]
+                ) -> list[np.ndarray]:
+    """Returns 0/1 masks zeroing round(rate * n) of the smallest weights in each layer
+    (rate may give one rate per layer)."""
+    rates = [rate] * len(weights) if isinstance(rate, (int, float)) else list(rate)
     masks = []
-    for w in weights:
+    for w, rate in zip(weights, rates, strict=True):
         score = np.abs(w).ravel()
         keep = np.ones(score.size, dtype=bool)
         n_zero = int(round(rate * score.size))
@@ -82,12 +86,20 @@ class HoldMasks(keras.callbacks.Callback):
 def prune_magnitude(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg: TrainConfig,
                     callbacks: Sequence[keras.callbacks.Callback] = ()) -> PruneResult:
     """Returns the model with its smallest kernels zeroed (flat or layer), fine-tuned if asked."""
-    kernels = [var for _, var in prunable_kernels(model, cfg.layer_types)]
+    named = prunable_kernels(model, cfg.layer_types)
+    kernels = [var for _, var in named]
     if not kernels:
         raise ConfigError(f"prune.layer_types: the model has no layer of type {cfg.layer_types}")
     weights = [k.numpy() for k in kernels]
-    masks = (flat_masks(weights, cfg.rate, cfg.min_density) if cfg.method == "flat"
-             else layer_masks(weights, cfg.rate))
+    if cfg.method == "flat":
+        masks = flat_masks(weights, cfg.rate, cfg.min_density)
+    elif cfg.rates_from:  # per-layer rates from a sensitivity run, for cfg.rate overall
+        table = allocate.read_table(cfg.rates_from)
+        rates = allocate.allocate(table, [name for name, _ in named],
+                                  [w.size for w in weights], cfg.rate)
+        masks = layer_masks(weights, rates)
+    else:
+        masks = layer_masks(weights, cfg.rate)
     for kernel, weight, mask in zip(kernels, weights, masks):
         kernel.assign(weight * mask)
     history = {}
