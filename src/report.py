@@ -33,12 +33,15 @@ def method_label(settings: Settings) -> str:
     if prune.method == "tfmot":
         return "tfmot 2:4" if prune.structured_2_4 else f"tfmot {prune.final_sparsity:.2f}"
     label = f"{prune.method} {prune.rate:.2f}"
+    if getattr(prune, "rates_from", None):  # per-layer rates from a sensitivity run
+        label += " sensitivity"
     return f"{label} ft{prune.finetune_epochs}" if prune.finetune_epochs else label
 
 
 def quant_label(settings: Settings) -> str:
-    """Returns the export's number format: 'float32' without quantization, else the mode."""
-    return "float32" if settings.quant.mode == "none" else settings.quant.mode
+    """Returns the export's number format ('float32' without quantization), '+sparse' if encoded."""
+    mode = "float32" if settings.quant.mode == "none" else settings.quant.mode
+    return mode + "+sparse" if getattr(settings.quant, "sparse_encoding", False) else mode
 
 
 def run_name(settings: Settings) -> str:

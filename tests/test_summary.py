@@ -22,6 +22,8 @@ from tests.conftest import assert_png
     (["prune=tfmot", "prune.final_sparsity=0.86", "quant=dynamic"], "resnet8 tfmot 0.86 dynamic"),
     (["prune=none", "quant=int8"], "resnet8 dense int8"),
     (["prune=none", "model.alpha=0.5"], "resnet8x0.5 dense float32"),
+    (["prune=flat", "prune.rate=0.9", "quant.sparse_encoding=true"],
+     "resnet8 flat 0.90 float32+sparse"),
 ])
 def test_run_names_say_model_method_rate_and_quantization(make_cfg, overrides, name):
     assert report.run_name(settings_from(make_cfg(*overrides))) == name
