@@ -16,7 +16,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from src import baseline, data, distill, measure, model_file, quantize, speed, tracking, units
+from src import (
+    baseline,
+    data,
+    distill,
+    measure,
+    model_file,
+    quantize,
+    report,
+    speed,
+    sweep_callback,
+    tracking,
+    units,
+)
 from src.config import ConfigError, Settings, register_resolvers, settings_from
 from src.data import DataError
 from src.keras_env import keras
@@ -25,10 +37,12 @@ from src.train import evaluate
 
 
 def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
-        extra_tags: dict[str, str] | None = None, nested: bool = False) -> dict[str, float]:
+        extra_tags: dict[str, str] | None = None, nested: bool = False,
+        name_prefix: str = "") -> dict[str, float]:
     """Runs one tracked experiment and returns its metrics (see README for their names).
 
-    callbacks go to fine-tuning (the search uses them to report and stop early trials).
+    callbacks go to fine-tuning (the search uses them to report and stop early trials);
+    name_prefix goes before the run's name (a search trial's "<study>#<n> ").
     """
     clock = measure.Stopwatch()
     settings = settings_from(cfg)  # bad settings fail here, before data or training
@@ -55,10 +69,18 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         "quant_mode": settings.quant.mode,
         **(extra_tags or {}),
     }
-    with tracking.tracked_run(settings.tracking, tags, nested=nested) as active:
+    # Always an explicit name: MLflow's random one comes from the RNG the seed just reset.
+    name = name_prefix + (settings.tracking.run_name or report.run_name(settings))
+    with tracking.tracked_run(settings.tracking, tags, run_name=name, nested=nested) as active:
         tracking.log_params(tracking.flatten(resolved))
+        if own:
+            print(f"dense baseline: loaded from {settings.model.path} (key {key})")
+        announce = keras.callbacks.LambdaCallback(  # called only when the baseline is trained
+            on_train_begin=lambda logs: print(report.baseline_line(settings, key, False)))
         base = own or baseline.load_or_train(key, settings.paths.cache_dir, dataset,
-                                             settings.model, settings.train)
+                                             settings.model, settings.train, callbacks=[announce])
+        if base.reused and not own:
+            print(report.baseline_line(settings, key, True))
         if not base.reused:
             clock.add("train", base.train_seconds)
             clock.add("evaluate", base.evaluate_seconds)
@@ -78,15 +100,18 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         out_dir = Path(settings.paths.output_dir) / "exports" / active.info.run_id
         metrics, files = export_and_measure(result.model, settings, dataset, out_dir, clock)
         (out_dir / "config.yaml").write_text(config_yaml)
-        for name, text in result.artifacts.items():  # e.g. the channel table
-            (out_dir / name).write_text(text)
-            files.append(out_dir / name)
+        for file_name, text in result.artifacts.items():  # e.g. the channel table
+            (out_dir / file_name).write_text(text)
+            files.append(out_dir / file_name)
         metrics["baseline_test_accuracy"] = base.test_accuracy
         if teacher:
             metrics["teacher_test_accuracy"] = teacher.test_accuracy
         metrics.update({f"{phase}_seconds": seconds for phase, seconds in clock.totals().items()})
+        metrics.update(report.size_metrics(metrics))
         tracking.log_metrics(metrics)
         tracking.log_artifacts([*files, out_dir / "config.yaml"])
+        tracking.set_tags({"mlflow.note.content": report.headline(settings, metrics)})
+    print("result: " + report.headline(settings, metrics, active.info.run_id), flush=True)
     return metrics
 
 
@@ -148,7 +173,7 @@ def sweep_tags() -> dict[str, str]:
         return tags
     sweep_dir = Path(hydra_cfg.sweep.dir)
     return {**tags, "sweep_id": f"{sweep_dir.parent.name}_{sweep_dir.name}",
-            "sweep_job": str(hydra_cfg.job.num)}
+            "sweep_job": str(hydra_cfg.job.num), **sweep_callback.parent_tag(sweep_dir)}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

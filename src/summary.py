@@ -1,11 +1,12 @@
 """Reports: a study's best trial or Pareto front, a sweep's accuracy-vs-rate, a run's sizes.
 
     python -m src.summary study accuracy_per_mb     # table, counts, importances, plots
-    python -m src.summary sweep latest              # accuracy vs rate, flat vs layer
-    python -m src.summary run latest                # size bars of one run
+    python -m src.summary sweep latest              # header, rows by method and rate, plots
+    python -m src.summary run latest                # name, config, accuracies, sizes
 
-Plots are PNG files in a report folder (default mlruns/reports/...) and are logged to
-MLflow as a run named ``summary:<what>``.
+Plots are PNG files in a report folder (default mlruns/reports/...), and are attached to
+the MLflow run they describe (under ``summary/``): the run itself, the sweep's parent run,
+or the study's newest search-worker run.
 """
 
 from __future__ import annotations
@@ -14,21 +15,45 @@ import argparse
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
-import matplotlib
 import mlflow
 import optuna
-from matplotlib.figure import Figure
+from mlflow.entities import Run
 
-from src import tracking
-from src.config import ConfigError, compose_config, search_settings_from, settings_from
+from src import plots, tracking
+from src.config import (
+    ConfigError,
+    SearchConfig,
+    Settings,
+    compose_config,
+    search_settings_from,
+    settings_from,
+)
 from src.units import KB
 
+MIN_TRIALS_FOR_IMPORTANCES = 10
+SIZE_OBJECTIVES = ("tflite_zip_bytes", "tflite_bytes", "model_zip_bytes", "model_bytes")
 
-def study_report(study: optuna.Study, out_dir: Path) -> tuple[str, list[Path]]:
-    """Returns the study's summary text and writes its plots to out_dir."""
-    states = defaultdict(int)
+# ------------------------------------------------------------------------------ study
+
+
+def study_subtitle(settings: Settings, search: SearchConfig) -> str:
+    """Returns the data set and quantization a study ran on, e.g. 'cifar10, int8'."""
+    searched = any(d.path.split(".")[0] == "quant" for d in search.space.values())
+    quant = "quantization searched" if searched else (
+        "float32" if settings.quant.mode == "none" else settings.quant.mode)
+    return f"{settings.data.name}, {quant}"
+
+
+def study_report(study: optuna.Study, out_dir: Path, subtitle: str = "",
+                 ) -> tuple[str, list[Path]]:
+    """Returns the study's summary text and writes its plots to out_dir.
+
+    subtitle names the data set and quantization (``study_subtitle``) in the plot titles.
+    """
+    states: dict[str, int] = defaultdict(int)
     for trial in study.trials:
         states[trial.state.name] += 1
     lines = [f"study {study.study_name}: {len(study.trials)} trials: "
@@ -39,13 +64,12 @@ def study_report(study: optuna.Study, out_dir: Path) -> tuple[str, list[Path]]:
     lines.append("Pareto front (accuracy up, size down):" if multi else "Best feasible trials:")
     lines.extend(trial_table(chosen))
     lines.extend(importance_lines(study))
-    return "\n".join(lines), study_plots(study, out_dir)
+    return "\n".join(lines), study_plots(study, out_dir, subtitle)
 
 
 def best_feasible(study: optuna.Study, top: int = 5) -> list[optuna.trial.FrozenTrial]:
     """Returns up to `top` complete trials meeting the accuracy floor, best first."""
-    complete = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
-    feasible = [t for t in complete if all(c <= 0 for c in t.constraints.values())]
+    feasible = [t for t in _complete(study) if all(c <= 0 for c in t.constraints.values())]
     reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
     return sorted(feasible, key=lambda t: t.values[0], reverse=reverse)[:top]
 
@@ -53,6 +77,10 @@ def best_feasible(study: optuna.Study, top: int = 5) -> list[optuna.trial.Frozen
 def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Returns the Pareto-optimal trials, most accurate first."""
     return sorted(study.best_trials, key=lambda t: -t.values[0])
+
+
+def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
 
 
 def trial_table(trials: list[optuna.trial.FrozenTrial]) -> list[str]:
@@ -76,123 +104,237 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _first_objective_to_minimize(study: optuna.Study):
-    """Returns a target for importances: Optuna's evaluator ranks params by low target values."""
-    sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
-    return lambda trial: sign * trial.values[0]
+def _objective_names(study: optuna.Study) -> list[str]:
+    return study.user_attrs.get("objectives") or [
+        f"objective {i}" for i in range(len(study.directions))]
+
+
+def importances(study: optuna.Study) -> dict[str, dict[str, float]] | str:
+    """Returns each objective's parameter importances, or why there are none yet."""
+    complete = len(_complete(study))
+    if complete < MIN_TRIALS_FOR_IMPORTANCES:
+        return (f"need {MIN_TRIALS_FOR_IMPORTANCES} complete trials, have {complete}: "
+                "fewer would rank parameters by noise")
+    found = {}
+    for index, name in enumerate(_objective_names(study)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # experimental-API notices
+                found[name] = optuna.importance.get_param_importances(
+                    study, target=lambda t, i=index: t.values[i])
+        except (RuntimeError, ValueError) as error:
+            return str(error)
+    return found
 
 
 def importance_lines(study: optuna.Study) -> list[str]:
-    """Returns parameter importances for the first objective, or why there are none."""
-    try:
-        with warnings.catch_warnings():  # the target is already oriented for the evaluator
-            warnings.simplefilter("ignore", UserWarning)
-            importances = optuna.importance.get_param_importances(
-                study, target=_first_objective_to_minimize(study))
-    except (RuntimeError, ValueError) as error:
-        return [f"Parameter importances: not available ({error})"]
-    return ["Parameter importances (first objective):"] + [
-        f"  {name}: {value:.3f}" for name, value in importances.items()]
+    """Returns the parameter importances per objective as text, or one line saying why not."""
+    found = importances(study)
+    if isinstance(found, str):
+        return [f"Parameter importances: not shown ({found})"]
+    lines = []
+    for name, values in found.items():
+        lines.append(f"Parameter importances for {name}:")
+        lines.extend(f"  {param}: {value:.3f}" for param, value in values.items())
+    return lines
 
 
-def study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
-    """Writes history, Pareto front and importance plots as PNG; returns their paths."""
-    matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as optuna_plots
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator", category=UserWarning)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    multi = len(study.directions) > 1
-    names = study.user_attrs.get("objectives", ["objective 0", "objective 1"])
-    plots = {
-        "pareto_front.png": (lambda: optuna_plots.plot_pareto_front(study, target_names=names))
-        if multi else None,
-        "optimization_history.png": (lambda: optuna_plots.plot_optimization_history(
-            study, target=lambda t: t.values[0], target_name=names[0])),
-        "param_importances.png": (lambda: optuna_plots.plot_param_importances(
-            study, target=_first_objective_to_minimize(study), target_name=names[0])),
-    }
+def study_plots(study: optuna.Study, out_dir: Path, subtitle: str = "") -> list[Path]:
+    """Writes the accuracy-vs-size front, the history and (with enough trials) importances."""
+    head = f"study {study.study_name}" + (f" ({subtitle})" if subtitle else "")
+    complete = _complete(study)
     written = []
-    for name, draw in plots.items():
-        if draw is None:
-            continue
-        try:
-            axes = draw()
-        except (RuntimeError, ValueError):
-            continue  # e.g. too few complete trials for importances
-        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-        figure.savefig(out_dir / name, dpi=100, bbox_inches="tight")
-        matplotlib.pyplot.close(figure)
-        written.append(out_dir / name)
+    points = [plots.Point(f"#{t.number}", t.user_attrs.get("tflite_zip_bytes", math.nan) / KB,
+                          t.user_attrs.get("tflite_accuracy", math.nan), _choices(t))
+              for t in complete]
+    if any(plots.plottable(p) for p in points):
+        written.append(plots.accuracy_vs_size(
+            points, f"{head}: accuracy vs size, trials by number", out_dir / "pareto_front.png"))
+    if complete:
+        series = {}
+        for index, (name, direction) in enumerate(zip(_objective_names(study),
+                                                      study.directions)):
+            in_kb = name in SIZE_OBJECTIVES
+            series[f"{name} (KB)" if in_kb else name] = (
+                [t.number for t in complete],
+                [t.values[index] / (KB if in_kb else 1) for t in complete],
+                direction == optuna.study.StudyDirection.MAXIMIZE)
+        written.append(plots.history(series, f"{head}: optimization history",
+                                     out_dir / "optimization_history.png"))
+    found = importances(study)
+    if not isinstance(found, str) and found:
+        written.append(plots.importances(found, f"{head}: parameter importances",
+                                         out_dir / "param_importances.png"))
     return written
 
 
-def sweep_report(runs: list[mlflow.entities.Run], out_dir: Path) -> tuple[str, list[Path]]:
-    """Returns a table of a sweep's runs and writes the accuracy-vs-rate plot (per method)."""
-    by_method: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
-    lines = ["| method | rate | keras acc | tflite acc | sparsity | tflite zip KB |",
-             "|---|---|---|---|---|---|"]
-    for r in runs:
-        m, p = r.data.metrics, r.data.params
-        method = p.get("prune.method", "?")
-        rate = float(p.get("prune.rate") or p.get("prune.final_sparsity") or 0.0)
-        by_method[method].append((rate, m.get("test_accuracy", math.nan),
-                                  m.get("tflite_accuracy", math.nan)))
-        lines.append(f"| {method} | {rate:.2f} | {m.get('test_accuracy', math.nan):.4f} | "
-                     f"{m.get('tflite_accuracy', math.nan):.4f} | "
-                     f"{m.get('sparsity_global', math.nan):.3f} | "
-                     f"{m.get('tflite_zip_bytes', math.nan) / KB:.1f} |")
-    figure = Figure(figsize=(6, 4))
-    axes = figure.subplots()
-    for method, points in sorted(by_method.items()):
-        points.sort()
-        axes.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{method} (Keras)")
-        axes.plot([p[0] for p in points], [p[2] for p in points], "x--", label=f"{method} (TFLite)")
-    axes.set(xlabel="pruning rate", ylabel="test accuracy", title="Accuracy vs pruning rate")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_dir / "accuracy_vs_rate.png", dpi=100, bbox_inches="tight")
-    return "\n".join(lines), [out_dir / "accuracy_vs_rate.png"]
+def _choices(trial: optuna.trial.FrozenTrial) -> str:
+    """Returns the config-group options a trial sampled, e.g. 'prune=flat, quant=int8'."""
+    groups = [o for o in trial.user_attrs.get("overrides", []) if "=" in o
+              and "." not in o.split("=", 1)[0]]
+    return ", ".join(groups)
 
 
-def run_report(run: mlflow.entities.Run, out_dir: Path) -> tuple[str, list[Path]]:
-    """Returns a run's sizes as text and writes them as a bar chart."""
-    names = ["model_bytes", "model_zip_bytes", "tflite_bytes", "tflite_zip_bytes"]
-    labels = ["model", "model zipped", "TFLite", "TFLite zipped"]
-    sizes = [run.data.metrics.get(n, math.nan) / KB for n in names]
-    figure = Figure(figsize=(6, 4))
-    axes = figure.subplots()
-    bars = axes.bar(labels, sizes, color=["#888", "#aaa", "#37c", "#6ae"])
-    axes.bar_label(bars, fmt="%.1f")
-    axes.set(ylabel="KB", title=f"Sizes of run {run.info.run_name or run.info.run_id[:8]}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_dir / "sizes.png", dpi=100, bbox_inches="tight")
-    text = "\n".join(f"{label}: {size:.1f} KB" for label, size in zip(labels, sizes))
-    return text, [out_dir / "sizes.png"]
+# ------------------------------------------------------------------------------ sweep
 
 
-def _find_runs(what: str, name: str, experiment: str) -> list[mlflow.entities.Run]:
-    """Returns the runs of one sweep (or the run) named, 'latest' meaning the newest."""
-    tag = "sweep_id" if what == "sweep" else None
-    query = f"tags.{tag} != ''" if tag and name == "latest" else (
-        f"tags.{tag} = '{name}'" if tag else "metrics.tflite_bytes > 0")
-    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=query,
+def is_sweep_parent(run: Run) -> bool:
+    """Returns whether a run is a sweep's parent run rather than one of its jobs."""
+    return run.data.tags.get("role") == "sweep"
+
+
+def _rate(params: dict[str, str]) -> float:
+    """Returns the run's pruning rate: tfmot's final sparsity, 0 for dense."""
+    method = params.get("prune.method", "none")
+    if method == "tfmot":
+        return float(params.get("prune.final_sparsity") or 0.0)
+    return float(params.get("prune.rate") or 0.0) if method != "none" else 0.0
+
+
+def _values(runs: Iterable[Run], key: str) -> str:
+    return "/".join(sorted({r.data.params.get(key, "?") for r in runs}))
+
+
+def sweep_report(runs: list[Run], out_dir: Path, sweep_id: str = "") -> tuple[str, list[Path]]:
+    """Returns a sweep's header and table and writes accuracy-vs-rate and -vs-size plots."""
+    jobs = [r for r in runs if not is_sweep_parent(r)]
+    sweep_id = sweep_id or next((r.data.tags.get("sweep_id", "") for r in jobs), "")
+    finished = [r for r in jobs if "tflite_accuracy" in r.data.metrics]
+    dense = [r.data.metrics["baseline_test_accuracy"] for r in finished
+             if "baseline_test_accuracy" in r.data.metrics]
+    dense_accuracy = dense[0] if dense else math.nan
+    quant = _values(jobs, "quant.mode").replace("none", "float32")
+    data_name, model = _values(jobs, "data.name"), _values(jobs, "model.name")
+    lines = [f"sweep {sweep_id}: {len(jobs)} jobs ({len(finished)} finished), model {model}, "
+             f"data {data_name}, quantization {quant}, dense accuracy {dense_accuracy:.2%}",
+             "| job | method | rate | keras acc | tflite acc | sparsity | tflite KB | zip KB "
+             "| acc/MB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    points = []
+    order = sorted(jobs, key=lambda r: (r.data.params.get("prune.method", "~"),
+                                        _rate(r.data.params), _job(r)))
+    for r in order:
+        m, method, rate = r.data.metrics, r.data.params.get("prune.method", "?"), \
+            _rate(r.data.params)
+        get = lambda key, m=m: m.get(key, math.nan)  # noqa: E731
+        lines.append(f"| {_job(r)} | {method} | {rate:.2f} | {get('test_accuracy'):.4f} | "
+                     f"{get('tflite_accuracy'):.4f} | {get('sparsity_global'):.3f} | "
+                     f"{get('tflite_bytes') / KB:.1f} | {get('tflite_zip_bytes') / KB:.1f} | "
+                     f"{get('accuracy_per_mb'):.2f} | {r.info.status} |")
+        if r in finished:
+            series[method].append((rate, get("test_accuracy"), get("tflite_accuracy")))
+            points.append(plots.Point(f"#{_job(r)} {rate:.2f}", get("tflite_zip_bytes") / KB,
+                                      get("tflite_accuracy"), method))
+    title = f"sweep {sweep_id}: {model} on {data_name}, {quant}"
+    files = [plots.accuracy_vs_rate(series, dense_accuracy, title,
+                                    out_dir / "accuracy_vs_rate.png"),
+             plots.accuracy_vs_size(points, title + " (jobs by number and rate)",
+                                    out_dir / "accuracy_vs_size.png")]
+    return "\n".join(lines), files
+
+
+def _job(run: Run) -> str:
+    return run.data.tags.get("sweep_job", "?")
+
+
+# -------------------------------------------------------------------------------- run
+
+
+def run_report(run: Run, out_dir: Path) -> tuple[str, list[Path]]:
+    """Returns a run's name, id, config, accuracies and sizes, and writes its size chart."""
+    m, p = run.data.metrics, run.data.params
+    get = lambda key: m.get(key, math.nan)  # noqa: E731
+    name = run.info.run_name or run.info.run_id
+    quant = p.get("quant.mode", "?").replace("none", "float32")
+    config = (f"data {p.get('data.name', '?')}, model {p.get('model.name', '?')}, "
+              f"prune {p.get('prune.method', '?')} {_rate(p):.2f}, quantization {quant}, "
+              f"{p.get('train.epochs', '?')} baseline epochs, "
+              f"{p.get('prune.finetune_epochs', '0')} fine-tuning epochs")
+    labels = ["model .h5", "model .h5 zipped", ".tflite", ".tflite zipped"]
+    keys = ["model_bytes", "model_zip_bytes", "tflite_bytes", "tflite_zip_bytes"]
+    sizes_kb = [get(k) / KB for k in keys]
+    lines = [f"run {name} (id {run.info.run_id}, {run.info.status})",
+             f"config: {config}",
+             f"headline: {run.data.tags.get('mlflow.note.content', '(none)')}",
+             f"accuracy: TFLite {get('tflite_accuracy'):.2%}, Keras {get('test_accuracy'):.2%}, "
+             f"dense baseline {get('baseline_test_accuracy'):.2%}; "
+             f"sparsity {get('sparsity_global'):.1%}",
+             "sizes: " + ", ".join(f"{label} {kb:.1f} KB" for label, kb in zip(labels, sizes_kb))]
+    if "command" in run.data.tags:
+        lines.append(f"command: {run.data.tags['command']}")
+    chart = plots.sizes(labels, sizes_kb, f"sizes of run {name}\n{p.get('data.name', '?')}, "
+                        f"{quant}", out_dir / "sizes.png")
+    return "\n".join(lines), [chart]
+
+
+# ------------------------------------------------------------------- finding, attaching
+
+
+def _search(experiment: str, query: str) -> list[Run]:
+    return mlflow.search_runs(experiment_names=[experiment], filter_string=query,
                               order_by=["attributes.start_time DESC"], output_format="list")
-    if what == "run":
-        runs = [r for r in runs if name in ("latest", r.info.run_id)][:1]
-    elif name == "latest" and runs:
-        newest = runs[0].data.tags["sweep_id"]
-        runs = [r for r in runs if r.data.tags.get("sweep_id") == newest]
+
+
+def find_run(name: str, experiment: str) -> Run:
+    """Returns the run with this id, or the newest finished experiment run for 'latest'."""
+    if name != "latest":
+        try:
+            return mlflow.MlflowClient().get_run(name)
+        except mlflow.exceptions.MlflowException:
+            raise ConfigError(f"run: no run {name!r}") from None
+    runs = _search(experiment, "metrics.tflite_bytes > 0")
     if not runs:
-        raise ConfigError(f"{what}: no {what} {name!r} in experiment {experiment!r}")
-    return runs
+        raise ConfigError(f"run: no finished run in experiment {experiment!r}")
+    return runs[0]
+
+
+def find_sweep(name: str, experiment: str) -> tuple[str, list[Run]]:
+    """Returns a sweep's id and its runs (jobs and parent), 'latest' meaning the newest."""
+    if name == "latest":
+        newest = _search(experiment, "tags.sweep_id != ''")
+        if not newest:
+            raise ConfigError(f"sweep: no sweep in experiment {experiment!r}")
+        name = newest[0].data.tags["sweep_id"]
+    runs = _search(experiment, f"tags.sweep_id = '{name}'")
+    if not [r for r in runs if not is_sweep_parent(r)]:
+        raise ConfigError(f"sweep: no sweep {name!r} in experiment {experiment!r}")
+    return name, runs
+
+
+def sweep_parent(sweep_id: str, runs: list[Run], experiment_id: str) -> str:
+    """Returns the sweep's parent run id, creating it (with the jobs nested) for older sweeps."""
+    parents = [r for r in runs if is_sweep_parent(r)]
+    if parents:
+        return parents[0].info.run_id
+    client = mlflow.MlflowClient()
+    parent = client.create_run(experiment_id, run_name=f"sweep {sweep_id}",
+                               tags={"role": "sweep", "sweep_id": sweep_id})
+    client.set_terminated(parent.info.run_id)
+    for run in runs:
+        client.set_tag(run.info.run_id, "mlflow.parentRunId", parent.info.run_id)
+    return parent.info.run_id
+
+
+def study_run(study_name: str, experiment: str) -> str | None:
+    """Returns the newest search-worker run of the study, which holds its summary."""
+    runs = _search(experiment, f"tags.role = 'search_worker' and tags.study_name = "
+                               f"'{study_name}'") if "'" not in study_name else []
+    return runs[0].info.run_id if runs else None
+
+
+def attach(run_id: str, files: list[Path]) -> None:
+    """Uploads report files to an existing run's artifacts, under summary/."""
+    client = mlflow.MlflowClient()
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path="summary")
+
+
+# ---------------------------------------------------------------------------- command
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: prints a report and logs its plots to MLflow."""
+    """Command line: prints a report and attaches its plots to the run it describes."""
     parser = argparse.ArgumentParser(prog="python -m src.summary", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["study", "sweep", "run"])
@@ -212,30 +354,41 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(what: str, name: str, overrides: list[str], out: Path | None = None,
            ) -> tuple[str, list[Path]]:
-    """Builds the report for a study, sweep or run; returns its text and plot files."""
+    """Builds the report for a study, sweep or run; returns its text and plot files.
+
+    The files are attached to the MLflow run described (see the module's docstring).
+    """
     defaults = ["search=accuracy_per_mb"] if what == "study" and not any(
         o.startswith("search=") for o in overrides) else []
     cfg = compose_config(defaults + overrides)
     settings = settings_from(cfg)
-    out_dir = out or Path(settings.paths.mlruns_dir) / "reports" / f"{what}-{name}"
-    tracking.connect(settings.tracking)
+    experiment = settings.tracking.experiment
+    experiment_id = tracking.connect(settings.tracking)
+    target: str | None
     if what == "study":
-        storage = search_settings_from(cfg).storage
+        search = search_settings_from(cfg)
         try:
-            study = optuna.load_study(study_name=name, storage=storage)
+            study = optuna.load_study(study_name=name, storage=search.storage)
         except KeyError:
-            raise ConfigError(f"study: no study {name!r} in {tracking.safe_url(storage)}") from None
-        text, files = study_report(study, out_dir)
+            raise ConfigError(f"study: no study {name!r} in "
+                              f"{tracking.safe_url(search.storage)}") from None
+        out_dir = out or Path(settings.paths.mlruns_dir) / "reports" / f"study-{name}"
+        text, files = study_report(study, out_dir, study_subtitle(settings, search))
+        target = study_run(name, experiment)
     elif what == "sweep":
-        text, files = sweep_report(_find_runs("sweep", name, settings.tracking.experiment),
-                                   out_dir)
+        sweep_id, runs = find_sweep(name, experiment)
+        out_dir = out or Path(settings.paths.mlruns_dir) / "reports" / f"sweep-{sweep_id}"
+        text, files = sweep_report(runs, out_dir, sweep_id)
+        target = sweep_parent(sweep_id, runs, experiment_id)
     else:
-        text, files = run_report(_find_runs("run", name, settings.tracking.experiment)[0],
-                                 out_dir)
+        run = find_run(name, experiment)
+        out_dir = out or Path(settings.paths.mlruns_dir) / "reports" / f"run-{run.info.run_id}"
+        text, files = run_report(run, out_dir)
+        target = run.info.run_id
     (out_dir / "summary.md").write_text(text + "\n")
-    tags = {"role": "summary", "summary_of": f"{what}:{name}"}
-    with tracking.tracked_run(settings.tracking, tags, run_name=f"summary:{what}:{name}"):
-        tracking.log_artifacts([*files, out_dir / "summary.md"])
+    if target:
+        attach(target, [*files, out_dir / "summary.md"])
+        text += f"\nattached to MLflow run {target}"
     return text, files
 
 

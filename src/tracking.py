@@ -12,6 +12,7 @@ import mlflow
 from mlflow.entities import RunStatus
 
 from src.config import PROJECT_ROOT, TrackingConfig
+from src.report import EXPERIMENT_NOTE
 
 
 def connect(cfg: TrackingConfig) -> str:
@@ -25,8 +26,9 @@ def connect(cfg: TrackingConfig) -> str:
     location = cfg.artifact_location
     if location and "://" not in location:  # a local folder; s3://... and the like pass as is
         location = Path(location).resolve().as_uri()
-    try:
-        return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    try:  # the note is the experiment's description in the MLflow UI
+        return mlflow.create_experiment(cfg.experiment, artifact_location=location,
+                                        tags={"mlflow.note.content": EXPERIMENT_NOTE})
     except mlflow.exceptions.MlflowException:  # created meanwhile by another worker
         return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,51 +12,177 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from src.config import PROJECT_ROOT
 from src.summary import report
-from tests.conftest import TINY, assert_png, compose_config, runs_of
+from tests.conftest import assert_png, compose_config, runs_of
+
+# The issue's sweep, shrunk: experiment=quick with fewer images and a narrower model.
+SWEEP = ["experiment=quick", "prune=flat,layer", "prune.rate=0.3,0.7", "quant=int8"]
+SHRINK = ["data.n_train=160", "data.n_test=64", "data.num_classes=4", "model.filters=[4,8,8]",
+          "train.epochs=1", "train.batch_size=32"]
+NOISE = ("absl", "cuda", "cuInit", "XNNPACK", "fully_quantize", "HDF5", "legacy",
+         "Assets written", "compile_metrics", "Statistics for quantized")
 
 
 @pytest.fixture(scope="module")
-def sweep_root(tmp_path_factory) -> Path:
-    """Runs a 2x2 multirun (flat/layer x two rates) once for the tests of this module."""
+def sweep(tmp_path_factory) -> tuple[Path, str]:
+    """Runs a 2x2 multirun (flat/layer x two rates) once; returns its root and stdout."""
     root = tmp_path_factory.mktemp("sweep")
     done = subprocess.run(
-        [sys.executable, "-m", "src.run", "--multirun", f"paths.root={root}", *TINY["data"],
-         *TINY["model"], *TINY["train"], "prune=flat,layer", "prune.rate=0.3,0.6"],
+        [sys.executable, "-m", "src.run", "--multirun", f"paths.root={root}", *SWEEP, *SHRINK],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    return root
+    return root, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def sweep_root(sweep) -> Path:
+    return sweep[0]
+
+
+def jobs_and_parent(root: Path) -> tuple[list, list]:
+    runs = runs_of(compose_config([f"paths.root={root}"]))
+    return ([r for r in runs if "sweep_job" in r.data.tags],
+            [r for r in runs if r.data.tags.get("role") == "sweep"])
 
 
 def test_multirun_shares_one_baseline(sweep_root):
-    runs = runs_of(compose_config([f"paths.root={sweep_root}"]))
+    runs, _ = jobs_and_parent(sweep_root)
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
     assert len({r.data.tags["baseline_key"] for r in runs}) == 1
     assert [r.data.tags["baseline_reused"] for r in runs].count("False") == 1
     assert len({r.data.tags["sweep_id"] for r in runs}) == 1
     assert sorted(r.data.tags["sweep_job"] for r in runs) == ["0", "1", "2", "3"]
     assert all(r.data.tags["command"].startswith("python -m src.run ") for r in runs)
-    assert any("prune=layer prune.rate=0.6" in r.data.tags["command"] for r in runs)
+    assert any("prune=layer prune.rate=0.7" in r.data.tags["command"] for r in runs)
     combos = {(r.data.params["prune.method"], r.data.params["prune.rate"]) for r in runs}
-    assert combos == {(m, r) for m in ("flat", "layer") for r in ("0.3", "0.6")}
+    assert combos == {(m, r) for m in ("flat", "layer") for r in ("0.3", "0.7")}
 
 
-def test_sweep_and_run_summaries_write_plots(sweep_root, capsys):
-    text, files = report("sweep", "latest", [f"paths.root={sweep_root}"])
-    assert text.count("| flat |") == 2 and text.count("| layer |") == 2
-    (plot,) = files
-    assert plot.name == "accuracy_vs_rate.png"
+def test_jobs_are_named_and_nested_under_one_sweep_run_with_its_plots(sweep_root):
+    jobs, parents = jobs_and_parent(sweep_root)
+    assert sorted(r.info.run_name for r in jobs) == [
+        "resnet8 flat 0.30 int8", "resnet8 flat 0.70 int8",
+        "resnet8 layer 0.30 int8", "resnet8 layer 0.70 int8"]
+    (parent,) = parents
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sweep_id"] == jobs[0].data.tags["sweep_id"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent.info.run_id}
+    assert parent.data.tags["jobs_finished"] == "4" and parent.data.tags["jobs_failed"] == "0"
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"accuracy_vs_rate.png", "accuracy_vs_size.png", "summary.md"} <= artifacts
+    plot = Path(client.download_artifacts(parent.info.run_id, "accuracy_vs_size.png",
+                                          str(sweep_root)))
     assert_png(plot)
+    for job in jobs:  # each run's description is its headline
+        note = job.data.tags["mlflow.note.content"]
+        assert note.startswith(job.info.run_name + ": TFLite accuracy ")
+        assert f"zipped {job.data.metrics['tflite_zip_kb']:.1f} KB" in note
+
+
+def test_each_job_prints_what_it_does_and_ends_with_its_result_line(sweep):
+    root, output = sweep
+    jobs, _ = jobs_and_parent(root)
+    ids = {r.data.tags["sweep_job"]: r.info.run_id for r in jobs}
+    # Hydra announces each job as "#<n> : <overrides>"; the sweep's closing line comes last.
+    chunks = re.split(r"\[[^\]]*\]\[HYDRA\]\s+#(\d+) : ", output)[1:]
+    assert [chunks[i] for i in range(0, len(chunks), 2)] == ["0", "1", "2", "3"]
+    for number, chunk in zip(chunks[0::2], chunks[1::2]):
+        lines = [line for line in chunk.splitlines()[1:] if line.strip()]
+        if number == "3":
+            assert lines[-1].startswith("sweep ") and "4 jobs finished" in lines[-1]
+            lines = lines[:-1]
+        assert lines[0].startswith("dense baseline: ")
+        assert ("not cached, training resnet8" in lines[0]) == (number == "0")
+        assert lines[-1].startswith("result: resnet8 ")
+        assert lines[-1].endswith(f"run {ids[number]}")
+        assert "TFLite accuracy" in lines[-1] and "(dense " in lines[-1]
+
+
+def test_a_single_quick_run_prints_no_library_noise(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "src.run", f"paths.root={tmp_path}", "experiment=quick",
+         "prune=flat", "prune.rate=0.7", "quant=int8", *SHRINK],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+        env={**{k: v for k, v in os.environ.items() if k != "PRUNESWEEP_VERBOSE"},
+             "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    noisy = [line for line in output.splitlines() if any(w in line for w in NOISE)]
+    assert not noisy, noisy
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines[0].startswith("dense baseline: not cached, training resnet8 for 1 epoch ")
+    assert re.match(r"\d+/\d+ - .* - loss: ", lines[1])  # Keras progress stays
+    assert lines[-1].startswith("result: resnet8 flat 0.70 int8: TFLite accuracy ")
+
+
+def test_sweep_callback_names_the_failed_jobs_and_fails_the_sweep(tmp_path, make_cfg):
+    from hydra import compose, initialize_config_dir
+
+    from src.sweep_callback import SweepRun
+
+    sweep_dir = tmp_path / "multiruns" / "2026-01-01" / "00-00-00"
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.root={tmp_path}",
+                                           f"hydra.sweep.dir={sweep_dir}"],
+                      return_hydra_config=True)
+    cfg.hydra.overrides.task = ["prune=flat", "prune.rate=0.5", "prune.min_density=0.6,0.0"]
+    callback = SweepRun()
+    callback.on_multirun_start(cfg)
+    parent = (sweep_dir / "mlflow_parent_run_id").read_text()
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent).info.experiment_id
+    for job, status in (("0", "FINISHED"), ("1", "FAILED")):
+        run = client.create_run(experiment_id, run_name=f"job {job}", tags={
+            "sweep_id": "2026-01-01_00-00-00", "sweep_job": job,
+            "command": f"python -m src.run prune=flat prune.rate=0.5 "
+                       f"prune.min_density={'0.6' if job == '0' else '0.0'}",
+            **({"failure_reason": "ConfigError: prune.min_density: too high"}
+               if status == "FAILED" else {})})
+        client.set_terminated(run.info.run_id, status)
+    with pytest.raises(SystemExit) as exit_:
+        callback.on_multirun_end(cfg)
+    assert str(exit_.value) == ("sweep 2026-01-01_00-00-00: 1 of 2 jobs failed: "
+                                "#1 prune.min_density=0.0 (ConfigError: prune.min_density: "
+                                "too high)")
+    assert client.get_run(parent).info.status == "FAILED"
+    assert client.get_run(parent).data.tags["jobs_failed"] == "1"
+
+
+def test_sweep_and_run_summaries_attach_to_what_they_describe(sweep_root):
+    text, files = report("sweep", "latest", [f"paths.root={sweep_root}"])
+    header, *rows = text.splitlines()
+    assert header.startswith("sweep ") and "model resnet8" in header
+    assert "quantization int8" in header and "dense accuracy " in header
+    methods_rates = [tuple(c.strip() for c in row.split("|")[2:4])
+                     for row in rows if row.startswith("| ") and "FINISHED" in row]
+    assert methods_rates == [("flat", "0.30"), ("flat", "0.70"), ("layer", "0.30"),
+                             ("layer", "0.70")]
+    assert sorted(f.name for f in files) == ["accuracy_vs_rate.png", "accuracy_vs_size.png"]
+    for plot in files:
+        assert_png(plot)
     text, files = report("run", "latest", [f"paths.root={sweep_root}"])
-    assert "TFLite zipped:" in text
+    first, config, headline, accuracy, sizes = text.splitlines()[:5]
+    assert first.startswith("run resnet8 ") and "(id " in first
+    assert config.startswith("config: data synthetic, model resnet8, prune ")
+    assert headline.startswith("headline: resnet8 ")
+    assert accuracy.startswith("accuracy: TFLite ") and "dense baseline " in accuracy
+    assert ".tflite zipped " in sizes and sizes.endswith(" KB")
     assert_png(files[0])
-    summaries = [r for r in runs_of(compose_config([f"paths.root={sweep_root}"]))
-                 if r.data.tags.get("role") == "summary"]
-    assert len(summaries) == 2
+    jobs, (parent,) = jobs_and_parent(sweep_root)
+    runs = runs_of(compose_config([f"paths.root={sweep_root}"]))
+    assert len(runs) == 5  # no summary run added: the plots went to the runs they describe
+    client = mlflow.MlflowClient()
+    assert "summary/accuracy_vs_rate.png" in {
+        a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    newest = max(jobs, key=lambda r: r.info.start_time)
+    assert "summary/sizes.png" in {
+        a.path for a in client.list_artifacts(newest.info.run_id, "summary")}
 
 
 def free_port() -> int:
@@ -73,7 +200,7 @@ def test_mlflow_server_serves_the_runs(sweep_root):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
+        deadline = time.time() + 240  # a busy 2-core machine needs a minute
         while time.time() < deadline:
             try:
                 urllib.request.urlopen(f"{base}/health", timeout=2)
@@ -84,7 +211,7 @@ def test_mlflow_server_serves_the_runs(sweep_root):
             f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=prunesweep")
         experiment = json.load(urllib.request.urlopen(request, timeout=10))["experiment"]
         body = json.dumps({"experiment_ids": [experiment["experiment_id"]],
-                           "filter": "tags.sweep_id != ''"}).encode()
+                           "filter": "tags.sweep_job != ''"}).encode()
         search = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
                                         headers={"Content-Type": "application/json"})
         runs = json.load(urllib.request.urlopen(search, timeout=10))["runs"]

@@ -1,0 +1,75 @@
+"""What a run says about itself: its name, its one-line headline, and what it prints."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+from src.config import Settings
+from src.units import KB
+
+EXPERIMENT_NOTE = (
+    "prunesweep: one run per compression experiment (dense baseline -> prune -> TFLite). "
+    "Sweeps and searches are parent runs with their jobs or trials nested under them. "
+    "Compare: tflite_accuracy against tflite_zip_kb (see the README, "
+    "'Compare runs in the MLflow UI')."
+)
+
+
+def model_label(settings: Settings) -> str:
+    """Returns the model's short name, with its width multiplier when not 1, e.g. 'resnet8x0.5'."""
+    model = settings.model
+    path = getattr(model, "path", None)  # a user's model file is named by its file
+    name = Path(path).stem if path else model.name
+    return name if model.alpha == 1 else f"{name}x{model.alpha:g}"
+
+
+def method_label(settings: Settings) -> str:
+    """Returns the pruning method and its rate, e.g. 'flat 0.70', 'tfmot 0.90', 'dense'."""
+    prune = settings.prune
+    if prune.method == "none":
+        return "dense"
+    if prune.method == "tfmot":
+        return "tfmot 2:4" if prune.structured_2_4 else f"tfmot {prune.final_sparsity:.2f}"
+    label = f"{prune.method} {prune.rate:.2f}"
+    if getattr(prune, "rates_from", None):  # per-layer rates from a sensitivity run
+        label += " sensitivity"
+    return f"{label} ft{prune.finetune_epochs}" if prune.finetune_epochs else label
+
+
+def quant_label(settings: Settings) -> str:
+    """Returns the export's number format ('float32' without quantization), '+sparse' if encoded."""
+    mode = "float32" if settings.quant.mode == "none" else settings.quant.mode
+    return mode + "+sparse" if getattr(settings.quant, "sparse_encoding", False) else mode
+
+
+def run_name(settings: Settings) -> str:
+    """Returns the descriptive MLflow run name, e.g. 'resnet8 flat 0.70 int8'."""
+    return f"{model_label(settings)} {method_label(settings)} {quant_label(settings)}"
+
+
+def headline(settings: Settings, metrics: Mapping[str, float], run_id: str = "") -> str:
+    """Returns the run's one-line result: what it is, accuracy against dense, sparsity, sizes."""
+    get = lambda key: metrics.get(key, math.nan)  # noqa: E731
+    line = (f"{run_name(settings)}: TFLite accuracy {get('tflite_accuracy'):.2%} "
+            f"(dense {get('baseline_test_accuracy'):.2%}), "
+            f"sparsity {get('sparsity_global'):.1%}, "
+            f".tflite {get('tflite_bytes') / KB:.1f} KB, "
+            f"zipped {get('tflite_zip_bytes') / KB:.1f} KB, "
+            f"{get('accuracy_per_mb'):.2f} accuracy/MB")
+    return f"{line}, run {run_id}" if run_id else line
+
+
+def size_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Returns the export sizes in KB (tflite_kb, tflite_zip_kb), readable in the MLflow UI."""
+    return {"tflite_kb": metrics["tflite_bytes"] / KB,
+            "tflite_zip_kb": metrics["tflite_zip_bytes"] / KB}
+
+
+def baseline_line(settings: Settings, key: str, reused: bool) -> str:
+    """Returns the line saying whether the dense baseline is reused or trained now."""
+    if reused:
+        return f"dense baseline: reused from the cache (key {key})"
+    return (f"dense baseline: not cached, training {model_label(settings)} for "
+            f"{settings.train.epochs} epoch{'s' * (settings.train.epochs != 1)} (key {key})")

@@ -1,0 +1,112 @@
+"""Names, headlines, the quiet stderr filter and the study plots, without training anything."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from src import plots, report
+from src.config import PROJECT_ROOT, settings_from
+from src.summary import study_report
+from tests.conftest import assert_png
+
+
+@pytest.mark.parametrize("overrides, name", [
+    (["prune=flat", "prune.rate=0.7", "quant=int8"], "resnet8 flat 0.70 int8"),
+    (["prune=layer", "prune.rate=0.3", "prune.finetune_epochs=2", "quant=dynamic"],
+     "resnet8 layer 0.30 ft2 dynamic"),
+    (["prune=tfmot", "prune.final_sparsity=0.86", "quant=dynamic"], "resnet8 tfmot 0.86 dynamic"),
+    (["prune=none", "quant=int8"], "resnet8 dense int8"),
+    (["prune=none", "model.alpha=0.5"], "resnet8x0.5 dense float32"),
+    (["prune=flat", "prune.rate=0.9", "quant.sparse_encoding=true"],
+     "resnet8 flat 0.90 float32+sparse"),
+])
+def test_run_names_say_model_method_rate_and_quantization(make_cfg, overrides, name):
+    assert report.run_name(settings_from(make_cfg(*overrides))) == name
+
+
+def test_channel_pruning_is_named_by_its_rate(make_cfg):
+    settings = settings_from(make_cfg("prune=flat", "prune.rate=0.5", "quant=int8"))
+    settings.prune.method = "channel"
+    assert report.run_name(settings) == "resnet8 channel 0.50 int8"
+
+
+def test_headline_gives_accuracies_sparsity_sizes_in_kb_and_run_id(make_cfg):
+    settings = settings_from(make_cfg("prune=flat", "prune.rate=0.7", "quant=int8"))
+    metrics = {"tflite_accuracy": 0.8312, "baseline_test_accuracy": 0.8525,
+               "sparsity_global": 0.7, "tflite_bytes": 99_500, "tflite_zip_bytes": 57_600,
+               "accuracy_per_mb": 14.43}
+    assert report.headline(settings, metrics, "abc123") == (
+        "resnet8 flat 0.70 int8: TFLite accuracy 83.12% (dense 85.25%), sparsity 70.0%, "
+        ".tflite 99.5 KB, zipped 57.6 KB, 14.43 accuracy/MB, run abc123")
+    assert report.size_metrics(metrics) == {"tflite_kb": 99.5, "tflite_zip_kb": 57.6}
+
+
+def run_quietly(code: str, verbose: bool) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PRUNESWEEP_VERBOSE"}
+    if verbose:
+        env["PRUNESWEEP_VERBOSE"] = "1"
+    return subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+NATIVE = ("WARNING: All log messages before absl::InitializeLog() is called are written to "
+          "STDERR\nI0000 00:00:1795762966.030811    6916 cudart_stub.cc:31] Could not find cuda "
+          "drivers on your machine, GPU will not be used.\nE0000 00:00:1795762988.627989    6916 "
+          "cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\nINFO: Created "
+          "TensorFlow Lite XNNPACK delegate for CPU.\nfully_quantize: 0, inference_type: 6\n"
+          "a real problem\n")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_native_noise_is_filtered_unless_verbose(verbose):
+    code = ("import os, sys, src; os.write(2, sys.argv[1].encode() if len(sys.argv) > 1 else "
+            f"{NATIVE!r}.encode()); sys.exit('error: last words')")
+    done = run_quietly(code, verbose)
+    assert done.returncode == 1
+    if verbose:
+        assert done.stderr == NATIVE + "error: last words\n"
+    else:  # errors, and anything not known to be noise, still come through, in order
+        assert done.stderr == "a real problem\nerror: last words\n"
+
+
+def fake_study(n: int, objectives=("tflite_accuracy", "tflite_zip_bytes")) -> optuna.Study:
+    """Returns an in-memory study of n complete trials with the metrics trials record."""
+    study = optuna.create_study(directions=["maximize", "minimize"][: len(objectives)])
+    study.set_user_attr("objectives", list(objectives))
+    for number in range(n):
+        rate = 0.3 + 0.6 * number / max(n - 1, 1)
+        method = "flat" if number % 2 else "layer"
+        attrs = {"tflite_accuracy": 0.9 - rate / 3, "tflite_zip_bytes": 600_000 * (1 - rate),
+                 "test_accuracy": 0.9 - rate / 3, "accuracy_per_mb": 1.0,
+                 "sparsity_global": rate, "overrides": [f"prune={method}", f"++prune.rate={rate}"]}
+        trial = optuna.trial.create_trial(
+            params={"rate": rate, "method": method},
+            distributions={"rate": optuna.distributions.FloatDistribution(0.3, 0.9),
+                           "method": optuna.distributions.CategoricalDistribution(
+                               ["flat", "layer"])},
+            values=[attrs[o] for o in objectives], user_attrs=attrs)
+        study.add_trial(trial)
+    return study
+
+
+def test_importances_wait_for_ten_complete_trials(tmp_path):
+    text, files = study_report(fake_study(4), tmp_path / "few", "synthetic, int8")
+    assert ("Parameter importances: not shown (need 10 complete trials, have 4" in text)
+    assert sorted(f.name for f in files) == ["optimization_history.png", "pareto_front.png"]
+    text, files = study_report(fake_study(10), tmp_path / "ten", "synthetic, int8")
+    assert "Parameter importances for tflite_accuracy:" in text
+    assert "Parameter importances for tflite_zip_bytes:" in text
+    assert "param_importances.png" in {f.name for f in files}
+    for plot in files:
+        assert_png(plot)
+
+
+def test_pareto_front_keeps_only_points_nothing_beats():
+    points = [plots.Point("#0", 10, 0.5), plots.Point("#1", 20, 0.7), plots.Point("#2", 15, 0.4),
+              plots.Point("#3", 640, 0.71), plots.Point("#4", 30, 0.6)]
+    assert [p.label for p in plots.pareto_front(points)] == ["#0", "#1", "#3"]
