@@ -7,6 +7,8 @@ and returns the configured objective for sweepers.
 from __future__ import annotations
 
 import hashlib
+import math
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from src import baseline, data, measure, quantize, tracking, units
-from src.config import ConfigError, Settings, register_resolvers, settings_from
+from src import baseline, data, interrupt, measure, quantize, tracking, units
+from src.config import ConfigError, Settings, TrackingConfig, register_resolvers, settings_from
 from src.data import DataError
 from src.keras_env import keras
 from src.prune import prune
@@ -25,10 +27,12 @@ from src.train import evaluate
 
 
 def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
-        extra_tags: dict[str, str] | None = None, nested: bool = False) -> dict[str, float]:
+        extra_tags: dict[str, str] | None = None, nested: bool = False,
+        name_prefix: str = "") -> dict[str, float]:
     """Runs one tracked experiment and returns its metrics (see README for their names).
 
-    callbacks go to fine-tuning (the search uses them to report and stop early trials).
+    callbacks go to fine-tuning (the search uses them to report and stop early trials);
+    name_prefix goes before the run's name (a search trial's "<study>#<n> ").
     """
     clock = measure.Stopwatch()
     settings = settings_from(cfg)  # bad settings fail here, before data or training
@@ -49,8 +53,12 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         "quant_mode": settings.quant.mode,
         **(extra_tags or {}),
     }
-    with tracking.tracked_run(settings.tracking, tags, nested=nested) as active:
-        tracking.log_params(tracking.flatten(resolved))
+    params = tracking.flatten(resolved)
+    if "search.objectives" in tags:  # a trial is judged by its study's objectives
+        params["objective"] = tags["search.objectives"]
+    name = name_prefix + (settings.tracking.run_name or _run_name(settings))
+    with tracking.tracked_run(settings.tracking, tags, run_name=name, nested=nested) as active:
+        tracking.log_params(params)
         base = baseline.load_or_train(key, settings.paths.cache_dir, dataset, settings.model,
                                       settings.train)
         if not base.reused:
@@ -113,13 +121,25 @@ def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dat
     return metrics, [tflite_file, table]
 
 
+def _run_name(settings: Settings) -> str:
+    """Returns the run's descriptive name (src.report.run_name once it exists)."""
+    try:
+        from src.report import run_name
+    except ImportError:  # until the report module lands: model, method, rate, quantization
+        prune = settings.prune
+        rate = prune.final_sparsity if prune.method == "tfmot" else prune.rate
+        method = "dense" if prune.method == "none" else f"{prune.method} {rate:.2f}"
+        return f"{settings.model.name} {method} {settings.quant.mode}"
+    return run_name(settings)
+
+
 def sweep_tags() -> dict[str, str]:
     """Returns the job's command line, and its sweep id and number under --multirun."""
     if not HydraConfig.initialized():
         return {}
     hydra_cfg = HydraConfig.get()
     # The command that reproduces this very job (one point of a sweep, as a single run).
-    tags = {"command": " ".join(["python -m src.run", *hydra_cfg.overrides.task])}
+    tags = {"command": shlex.join(["python", "-m", "src.run", *hydra_cfg.overrides.task])}
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return tags
     sweep_dir = Path(hydra_cfg.sweep.dir)
@@ -129,14 +149,40 @@ def sweep_tags() -> dict[str, str]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point: runs one experiment and returns the configured objective."""
+    """Hydra entry point: runs one experiment and returns the configured objective.
+
+    Under --multirun a failed job returns NaN after recording its FAILED run (tags sweep_id,
+    sweep_job, failure_reason), so the sweep goes on; the sweep callback reports it at the end.
+    """
+    interrupt.raise_on_sigterm()
+    tags = sweep_tags()
     try:
-        return run(cfg, extra_tags=sweep_tags())[cfg.objective]
-    except (ConfigError, DataError) as error:
-        raise SystemExit(f"error: {error}") from None
-    except KeyboardInterrupt:
-        print("interrupted: the MLflow run ended as KILLED", file=sys.stderr)
-        sys.exit(130)
+        return run(cfg, extra_tags=tags)[cfg.objective]
+    except KeyboardInterrupt as stop:
+        print(f"interrupted ({stop or 'Ctrl-C'}): the MLflow run ended as KILLED",
+              file=sys.stderr)
+        sys.exit(interrupt.exit_code(stop))
+    except Exception as error:
+        if "sweep_id" not in tags:
+            if isinstance(error, (ConfigError, DataError)):
+                raise SystemExit(f"error: {error}") from None
+            raise
+        message = str(error) if isinstance(error, (ConfigError, DataError)) \
+            else f"{type(error).__name__}: {error}"
+        print(f"error: job {tags['sweep_job']}: {message}", file=sys.stderr, flush=True)
+        record_failed_job(cfg, tags, f"{type(error).__name__}: {error}")
+        return math.nan
+
+
+def record_failed_job(cfg: DictConfig, tags: dict[str, str], reason: str) -> None:
+    """Records a sweep job that failed before its MLflow run opened as a FAILED run."""
+    try:
+        tracking_cfg = OmegaConf.to_object(OmegaConf.merge(
+            OmegaConf.structured(TrackingConfig), cfg.tracking))
+        tracking.record_failure(tracking_cfg, tags, reason)
+    except Exception as error:  # noqa: BLE001 - the job's own error was printed already
+        print(f"error: job {tags['sweep_job']} could not be recorded in MLflow ({error})",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import optuna
 from matplotlib.figure import Figure
 
 from src import tracking
-from src.config import ConfigError, compose_config, search_settings_from, settings_from
+from src.config import ConfigError, compose_config, settings_from
+from src.search.settings import search_settings_from
 from src.units import KB
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from src.config import ConfigError, Settings, search_settings_from, settings_from
+from src.config import ConfigError, Settings, settings_from
+from src.search import search_settings_from
 
 GROUP_OPTIONS = {
     "data": ["cifar10", "image_folder", "synthetic"],

@@ -5,8 +5,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from src.config import ConfigError, search_settings_from
-from src.search import make_study, run_search
+from src.config import ConfigError
+from src.search import make_study, run_search, search_settings_from
 from src.summary import report
 from tests.conftest import TINY, assert_png, compose_config, runs_of
 

@@ -14,8 +14,8 @@ import optuna
 import pytest
 
 from src import tracking
-from src.config import PROJECT_ROOT, ConfigError, search_settings_from, settings_from
-from src.search import make_study
+from src.config import PROJECT_ROOT, ConfigError, settings_from
+from src.search import make_study, search_settings_from
 from tests import postgres
 from tests.conftest import TINY, compose_config, runs_of
 
