@@ -177,8 +177,9 @@ def main(cfg: DictConfig) -> float:
 def record_failed_job(cfg: DictConfig, tags: dict[str, str], reason: str) -> None:
     """Records a sweep job that failed before its MLflow run opened as a FAILED run."""
     try:
+        resolved = OmegaConf.to_container(cfg.tracking, resolve=True)  # within the whole config
         tracking_cfg = OmegaConf.to_object(OmegaConf.merge(
-            OmegaConf.structured(TrackingConfig), cfg.tracking))
+            OmegaConf.structured(TrackingConfig), resolved))
         tracking.record_failure(tracking_cfg, tags, reason)
     except Exception as error:  # noqa: BLE001 - the job's own error was printed already
         print(f"error: job {tags['sweep_job']} could not be recorded in MLflow ({error})",
