@@ -180,7 +180,8 @@ def record_failed_job(cfg: DictConfig, tags: dict[str, str], reason: str) -> Non
         resolved = OmegaConf.to_container(cfg.tracking, resolve=True)  # within the whole config
         tracking_cfg = OmegaConf.to_object(OmegaConf.merge(
             OmegaConf.structured(TrackingConfig), resolved))
-        tracking.record_failure(tracking_cfg, tags, reason)
+        tracking.record_failure(tracking_cfg, tags, reason,
+                                run_name=f"sweep job {tags['sweep_job']} failed")
     except Exception as error:  # noqa: BLE001 - the job's own error was printed already
         print(f"error: job {tags['sweep_job']} could not be recorded in MLflow ({error})",
               file=sys.stderr)

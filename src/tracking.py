@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -18,10 +19,9 @@ from src.config import PROJECT_ROOT, TrackingConfig
 
 def connect(cfg: TrackingConfig) -> str:
     """Points MLflow at the configured store and returns the experiment id."""
-    if cfg.uri.startswith("sqlite:///"):
-        Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(cfg.uri)
-    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    with _creating(cfg.uri):
+        experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         return experiment.experiment_id
     location = cfg.artifact_location
@@ -31,6 +31,23 @@ def connect(cfg: TrackingConfig) -> str:
         return mlflow.create_experiment(cfg.experiment, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created meanwhile by another worker
         return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+@contextlib.contextmanager
+def _creating(uri: str) -> Iterator[None]:
+    """Holds a file lock while a new sqlite store is created: MLflow's schema migrations,
+    run by two processes at once (parallel sweep jobs), fail."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class StoppedEarly(Exception):
@@ -101,12 +118,13 @@ def failed_runs(cfg: TrackingConfig, sweep_id: str) -> list[mlflow.entities.Run]
     return sorted(jobs, key=lambda r: int(r.data.tags["sweep_job"]))
 
 
-def record_failure(cfg: TrackingConfig, tags: Mapping[str, str], reason: str) -> None:
+def record_failure(cfg: TrackingConfig, tags: Mapping[str, str], reason: str,
+                   run_name: str | None = None) -> None:
     """Leaves a FAILED nested run for work refused before its own run started, unless one exists."""
     experiment_id = connect(cfg)
     if find_runs(cfg, tags):
         return
-    mlflow.start_run(experiment_id=experiment_id, nested=True,
+    mlflow.start_run(experiment_id=experiment_id, nested=True, run_name=run_name,
                      tags={**cfg.tags, **tags, "failure_reason": reason[:5000]})
     mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
 

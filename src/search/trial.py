@@ -45,7 +45,8 @@ def run_trial(trial: optuna.Trial, search: SearchConfig, compose: Composer,
         reason = f"{type(error).__name__}: {error}"
         trial.set_user_attr("failure_reason", reason[:2000])
         # Settings refused before run() opened its MLflow run still get a FAILED trial run.
-        tracking.record_failure(tracking_cfg, tags, reason)
+        tracking.record_failure(tracking_cfg, tags, reason,
+                                run_name=f"{search.study_name}#{trial.number} failed")
         raise
     finished = mlflow.last_active_run()
     if finished is not None:
