@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import subprocess
@@ -116,3 +117,19 @@ def test_a_bad_multirun_job_is_recorded_and_the_others_run(tmp_path):
     assert "prune.min_density=0.2" in command and "+tracking.tags.note='two words {x}'" in command
     if (PROJECT_ROOT / "src" / "sweep_callback.py").exists():  # the ui helper's end-of-sweep line
         assert done.returncode != 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+                    reason="the [slurm] extra (hydra-submitit-launcher) is not installed")
+def test_submitit_local_runs_each_job_in_its_own_process(tmp_path):
+    # What a Slurm sweep does, on this machine: each job is a separate process, started at
+    # once; the missing dense baseline is still trained once (the others wait on its lock).
+    done = cli(tmp_path, "hydra/launcher=submitit_local", *TINY_CLI, "prune=flat",
+               "prune.rate=0.3,0.5", flags=("--multirun",))
+    jobs = sweep_runs(tmp_path)
+    assert sorted(jobs) == [0, 1], done.stderr[-3000:]
+    assert all(r.info.status == "FINISHED" for r in jobs.values())
+    assert sorted(r.data.tags["baseline_reused"] for r in jobs.values()) == ["False", "True"]
+    logs = list(tmp_path.glob("mlruns/outputs/multiruns/*/*/.submitit/*/*_log.out"))
+    assert len({log.parent.name for log in logs}) == 2  # one submitit job folder each

@@ -77,19 +77,6 @@ def test_two_workers_share_one_postgresql_study(tmp_path):
         mlflow.set_tracking_uri("sqlite://")  # let go of the server before it stops
 
 
-def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None):
-    """Polls condition() until it returns a truthy value; fails after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"process exited ({process.returncode}) before: {what}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
-
-
 def read_until(process: subprocess.Popen, prefix: str, timeout: float) -> list[str]:
     """Returns the process's output lines up to the first starting with prefix."""
     lines, deadline = [], time.monotonic() + timeout
