@@ -157,7 +157,8 @@ def main(cfg: DictConfig) -> float:
     interrupt.raise_on_sigterm()
     tags = sweep_tags()
     try:
-        return run(cfg, extra_tags=tags)[cfg.objective]
+        # Nested: a sweep parent run, when the sweep callback keeps one active, holds the jobs.
+        return run(cfg, extra_tags=tags, nested="sweep_id" in tags)[cfg.objective]
     except KeyboardInterrupt as stop:
         print(f"interrupted ({stop or 'Ctrl-C'}): the MLflow run ended as KILLED",
               file=sys.stderr)

@@ -16,7 +16,7 @@ GROUP_OPTIONS = {
     "tracking": ["mlflow"],
     "paths": ["default"],
     "experiment": ["quick", "reference_oneshot", "reference_tfmot", "frontier_resnet8"],
-    "search": ["accuracy_per_mb", "pareto"],
+    "search": ["accuracy_per_mb", "pareto", "pareto_models"],
 }
 
 

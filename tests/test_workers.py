@@ -198,3 +198,19 @@ def test_unreachable_database_fails_fast(tmp_path):
     with pytest.raises(ConfigError, match=r"^search.storage: cannot open postgresql://"):
         make_study(search_settings_from(cfg))
     assert time.time() - started < 15
+
+
+def test_storage_passwords_are_hidden_and_quoted_tags_are_found(tmp_path):
+    assert tracking.safe_url("postgresql://me:s3cr%40t@db:5432/optuna") == \
+        "postgresql://me:***@db:5432/optuna"
+    assert tracking.safe_url("sqlite:///x/optuna.db") == "sqlite:///x/optuna.db"
+    assert tracking.safe_url("databricks") == "databricks"
+    cfg = settings_from(compose_config([f"paths.root={tmp_path}"])).tracking
+    odd = {"study_name": "it's", "note": 'say "hi"', "both": "it's \"x\"", "a.b": "dotted"}
+    with tracking.tracked_run(cfg, odd, run_name="odd"):
+        tracking.log_history("finetune", {"loss": [3.0, 2.0, 1.0]})
+    (found,) = tracking.find_runs(cfg, odd)
+    assert found.info.run_name == "odd"
+    history = mlflow.MlflowClient().get_metric_history(found.info.run_id, "finetune_loss")
+    assert [(m.step, m.value) for m in history] == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    assert tracking.find_runs(cfg, {**odd, "study_name": "its"}) == []
