@@ -37,14 +37,14 @@ def fail_dead_trials(study: optuna.Study, max_retries: int) -> list[int]:
         if not worker or worker.get("trial") != trial.number \
                 or worker["host"] != socket.gethostname() or _alive(int(worker["pid"])):
             continue
-        try:
+        try:  # the reason first: a finished trial takes no more attributes
+            storage.set_trial_user_attr(trial._trial_id, "failure_reason",
+                                        "its search worker died")
             if not storage.set_trial_state_values(trial._trial_id,
                                                   state=optuna.trial.TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker failed it first
-        storage.set_trial_user_attr(trial._trial_id, "failure_reason",
-                                    "its search worker died")
         failed.append(trial.number)
         if retry is not None:
             retry(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
