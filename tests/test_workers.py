@@ -120,6 +120,7 @@ def test_killed_worker_trial_is_retried_at_once_and_its_runs_closed(tmp_path):
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
     assert retried[0].params == trials[1].params
+    assert "failure_reason" not in retried[0].user_attrs
     runs = runs_of(cfg)
     assert not [r for r in runs if r.info.status == "RUNNING"]
     killed = [r for r in runs if r.info.status == "KILLED"]

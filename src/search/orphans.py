@@ -47,7 +47,7 @@ def fail_dead_trials(study: optuna.Study, max_retries: int) -> list[int]:
             continue  # another worker failed it first
         failed.append(trial.number)
         if retry is not None:
-            retry(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+            retry(study, _as_retried(storage.get_trial(trial._trial_id)))
     return failed
 
 
@@ -57,7 +57,16 @@ def retry_trial(study: optuna.Study, number: int, max_retries: int) -> None:
     trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
         study._study_id, number))
     if retry is not None and trial.state == optuna.trial.TrialState.FAIL:
-        retry(study, copy.deepcopy(trial))
+        retry(study, _as_retried(trial))
+
+
+def _as_retried(trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    """Returns a copy without the attributes of the failed attempt, which Optuna's retry
+    callback would otherwise copy onto the new trial."""
+    copied = copy.deepcopy(trial)
+    copied.user_attrs = {k: v for k, v in copied.user_attrs.items()
+                         if k not in (WORKER_ATTR, "failure_reason")}
+    return copied
 
 
 def close_orphan_runs(study: optuna.Study, tracking_cfg: TrackingConfig) -> list[str]:
