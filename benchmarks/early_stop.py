@@ -22,7 +22,7 @@ import optuna
 
 from benchmarks.common import data_label, data_overrides, machine
 from src.config import compose_config
-from src.search import run_search
+from src.search.worker import run_search
 
 
 def study(root: Path, name: str, rule: str, args: argparse.Namespace) -> optuna.Study:

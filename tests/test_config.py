@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from src.config import ConfigError, Settings, settings_from
-from src.search import search_settings_from
+from src.search.settings import search_settings_from
 
 GROUP_OPTIONS = {
     "data": ["cifar10", "image_folder", "synthetic"],

@@ -9,7 +9,10 @@ import optuna
 import pytest
 
 from src.config import ConfigError
-from src.search import OBJECTIVES, epoch_estimate, make_study, run_search, search_settings_from
+from src.search.objectives import OBJECTIVES, epoch_estimate
+from src.search.settings import search_settings_from
+from src.search.study import make_study
+from src.search.worker import run_search
 from src.summary import report
 from tests.conftest import TINY, assert_png, compose_config, runs_of
 

@@ -15,7 +15,8 @@ import pytest
 
 from src import tracking
 from src.config import PROJECT_ROOT, ConfigError, settings_from
-from src.search import make_study, search_settings_from
+from src.search.settings import search_settings_from
+from src.search.study import make_study
 from tests import postgres
 from tests.conftest import TINY, compose_config, runs_of
 

@@ -8,13 +8,6 @@ fine-tuning epoch ("trial early stopping"; Optuna's name for it is pruning).
 Modules: ``settings`` (the search-space language), ``sampling`` (space -> overrides),
 ``objectives`` (directions, values, per-epoch estimates), ``study`` (study and storage),
 ``trial`` (running one trial), ``orphans`` (what dead workers leave), ``worker`` (the loop,
-the failure cap, the trial lines and the closing report).
+the failure cap, the trial lines and the closing report), ``__main__`` (the command).
+Nothing is imported here, so reading the settings does not load TensorFlow.
 """
-
-from src.search.objectives import OBJECTIVES, epoch_estimate
-from src.search.settings import DimensionConfig, SearchConfig, search_settings_from
-from src.search.study import make_study
-from src.search.worker import SearchAborted, run_search
-
-__all__ = ["OBJECTIVES", "DimensionConfig", "SearchAborted", "SearchConfig", "epoch_estimate",
-           "make_study", "run_search", "search_settings_from"]

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import optuna
 
-from src import tracking
-from src.keras_env import keras
 from src.units import MB
+
+if TYPE_CHECKING:  # no TensorFlow import just to read the table (config checks, summaries)
+    from src.keras_env import keras
 
 SIZES = ("zipped", "raw")  # search.size: which file size accuracy_per_mb divides by
 BYTES_PER_WEIGHT = {"none": 4, "float16": 2, "dynamic": 1, "int8": 1}
@@ -121,25 +122,3 @@ def final_sparsity_of(method: str, final_sparsity: float, structured_2_4: bool) 
         return None
     return 0.5 if structured_2_4 else final_sparsity
 
-
-class ReportEpochs(keras.callbacks.Callback):
-    """Reports the objective's estimate each fine-tuning epoch; stops hopeless trials."""
-
-    def __init__(self, trial: optuna.Trial, objective: str, quant_mode: str,
-                 final_sparsity: float | None = None, size: str = "zipped"):
-        super().__init__()
-        self.trial, self.objective, self.size = trial, objective, size
-        self.bytes_per_weight = BYTES_PER_WEIGHT[quant_mode]
-        self.final_sparsity = final_sparsity
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = logs or {}
-        accuracy = logs.get("val_accuracy", logs.get("accuracy"))
-        if accuracy is None:
-            return
-        value = epoch_estimate(self.objective, float(accuracy), self.model,
-                               self.bytes_per_weight, self.final_sparsity, self.size)
-        self.trial.report(value, step=epoch + 1)
-        if self.trial.should_prune():
-            raise tracking.StoppedEarly(f"stopped after epoch {epoch + 1}: val_accuracy "
-                                        f"{accuracy:.4f}, estimated {self.objective} {value:.4g}")

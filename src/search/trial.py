@@ -11,8 +11,9 @@ from omegaconf import DictConfig
 
 from src import tracking
 from src.config import TrackingConfig
+from src.keras_env import keras
 from src.run import run
-from src.search.objectives import OBJECTIVES, ReportEpochs, final_sparsity_of
+from src.search.objectives import BYTES_PER_WEIGHT, OBJECTIVES, epoch_estimate, final_sparsity_of
 from src.search.orphans import mark_worker
 from src.search.sampling import sample_overrides
 from src.search.settings import SearchConfig
@@ -70,3 +71,26 @@ def _early_stop(trial: optuna.Trial, search: SearchConfig, cfg: DictConfig) -> l
     final = final_sparsity_of(prune.method, prune.get("final_sparsity", 0.0),
                               prune.get("structured_2_4", False))
     return [ReportEpochs(trial, search.objectives[0], cfg.quant.mode, final, search.size)]
+
+
+class ReportEpochs(keras.callbacks.Callback):
+    """Reports the objective's estimate each fine-tuning epoch; stops hopeless trials."""
+
+    def __init__(self, trial: optuna.Trial, objective: str, quant_mode: str,
+                 final_sparsity: float | None = None, size: str = "zipped"):
+        super().__init__()
+        self.trial, self.objective, self.size = trial, objective, size
+        self.bytes_per_weight = BYTES_PER_WEIGHT[quant_mode]
+        self.final_sparsity = final_sparsity
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        accuracy = logs.get("val_accuracy", logs.get("accuracy"))
+        if accuracy is None:
+            return
+        value = epoch_estimate(self.objective, float(accuracy), self.model,
+                               self.bytes_per_weight, self.final_sparsity, self.size)
+        self.trial.report(value, step=epoch + 1)
+        if self.trial.should_prune():
+            raise tracking.StoppedEarly(f"stopped after epoch {epoch + 1}: val_accuracy "
+                                        f"{accuracy:.4f}, estimated {self.objective} {value:.4g}")
