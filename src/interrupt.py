@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 from types import FrameType
 
 
@@ -12,6 +13,8 @@ class Terminated(KeyboardInterrupt):
 
 def raise_on_sigterm() -> None:
     """Makes SIGTERM raise Terminated, so every Ctrl-C clean-up also runs for it."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # Python delivers signals to the main thread only (and refuses handlers elsewhere)
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         raise Terminated(f"stopped by {signal.Signals(signum).name}")
