@@ -7,6 +7,8 @@ and returns the configured objective for sweepers.
 from __future__ import annotations
 
 import hashlib
+import math
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +22,7 @@ from src import (
     baseline,
     data,
     distill,
+    interrupt,
     measure,
     model_file,
     quantize,
@@ -29,7 +32,7 @@ from src import (
     tracking,
     units,
 )
-from src.config import ConfigError, Settings, register_resolvers, settings_from
+from src.config import ConfigError, Settings, TrackingConfig, register_resolvers, settings_from
 from src.data import DataError
 from src.keras_env import keras
 from src.prune import prune
@@ -69,10 +72,13 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         "quant_mode": settings.quant.mode,
         **(extra_tags or {}),
     }
+    params = tracking.flatten(resolved)
+    if "search.objectives" in tags:  # a trial is judged by its study's objectives
+        params["objective"] = tags["search.objectives"]
     # Always an explicit name: MLflow's random one comes from the RNG the seed just reset.
     name = name_prefix + (settings.tracking.run_name or report.run_name(settings))
     with tracking.tracked_run(settings.tracking, tags, run_name=name, nested=nested) as active:
-        tracking.log_params(tracking.flatten(resolved))
+        tracking.log_params(params)
         if own:
             print(f"dense baseline: loaded from {settings.model.path} (key {key})")
         announce = keras.callbacks.LambdaCallback(  # called only when the baseline is trained
@@ -168,7 +174,7 @@ def sweep_tags() -> dict[str, str]:
         return {}
     hydra_cfg = HydraConfig.get()
     # The command that reproduces this very job (one point of a sweep, as a single run).
-    tags = {"command": " ".join(["python -m src.run", *hydra_cfg.overrides.task])}
+    tags = {"command": shlex.join(["python", "-m", "src.run", *hydra_cfg.overrides.task])}
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return tags
     sweep_dir = Path(hydra_cfg.sweep.dir)
@@ -178,14 +184,43 @@ def sweep_tags() -> dict[str, str]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point: runs one experiment and returns the configured objective."""
+    """Hydra entry point: runs one experiment and returns the configured objective.
+
+    Under --multirun a failed job returns NaN after recording its FAILED run (tags sweep_id,
+    sweep_job, failure_reason), so the sweep goes on; the sweep callback reports it at the end.
+    """
+    interrupt.raise_on_sigterm()
+    tags = sweep_tags()
     try:
-        return run(cfg, extra_tags=sweep_tags())[cfg.objective]
-    except (ConfigError, DataError) as error:
-        raise SystemExit(f"error: {error}") from None
-    except KeyboardInterrupt:
-        print("interrupted: the MLflow run ended as KILLED", file=sys.stderr)
-        sys.exit(130)
+        # Nested: a sweep parent run, when the sweep callback keeps one active, holds the jobs.
+        return run(cfg, extra_tags=tags, nested="sweep_id" in tags)[cfg.objective]
+    except KeyboardInterrupt as stop:
+        print(f"interrupted ({stop or 'Ctrl-C'}): the MLflow run ended as KILLED",
+              file=sys.stderr)
+        sys.exit(interrupt.exit_code(stop))
+    except Exception as error:
+        if "sweep_id" not in tags:
+            if isinstance(error, (ConfigError, DataError)):
+                raise SystemExit(f"error: {error}") from None
+            raise
+        message = str(error) if isinstance(error, (ConfigError, DataError)) \
+            else f"{type(error).__name__}: {error}"
+        print(f"error: job {tags['sweep_job']}: {message}", file=sys.stderr, flush=True)
+        record_failed_job(cfg, tags, f"{type(error).__name__}: {error}")
+        return math.nan
+
+
+def record_failed_job(cfg: DictConfig, tags: dict[str, str], reason: str) -> None:
+    """Records a sweep job that failed before its MLflow run opened as a FAILED run."""
+    try:
+        resolved = OmegaConf.to_container(cfg.tracking, resolve=True)  # within the whole config
+        tracking_cfg = OmegaConf.to_object(OmegaConf.merge(
+            OmegaConf.structured(TrackingConfig), resolved))
+        tracking.record_failure(tracking_cfg, tags, reason,
+                                run_name=f"sweep job {tags['sweep_job']} failed")
+    except Exception as error:  # noqa: BLE001 - the job's own error was printed already
+        print(f"error: job {tags['sweep_job']} could not be recorded in MLflow ({error})",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,8 @@ import optuna
 from mlflow.entities import Run
 
 from src import plots, tracking
-from src.config import (
-    ConfigError,
-    SearchConfig,
-    Settings,
-    compose_config,
-    search_settings_from,
-    settings_from,
-)
+from src.config import ConfigError, Settings, compose_config, settings_from
+from src.search.settings import SearchConfig, search_settings_from
 from src.units import KB
 
 MIN_TRIALS_FOR_IMPORTANCES = 10

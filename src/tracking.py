@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import RunStatus
+import sqlalchemy
+from mlflow.entities import Metric, RunStatus
 
 from src.config import PROJECT_ROOT, TrackingConfig
 from src.report import EXPERIMENT_NOTE
@@ -17,10 +20,9 @@ from src.report import EXPERIMENT_NOTE
 
 def connect(cfg: TrackingConfig) -> str:
     """Points MLflow at the configured store and returns the experiment id."""
-    if cfg.uri.startswith("sqlite:///"):
-        Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(cfg.uri)
-    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    with _creating(cfg.uri):
+        experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         return experiment.experiment_id
     location = cfg.artifact_location
@@ -31,6 +33,23 @@ def connect(cfg: TrackingConfig) -> str:
                                         tags={"mlflow.note.content": EXPERIMENT_NOTE})
     except mlflow.exceptions.MlflowException:  # created meanwhile by another worker
         return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+@contextlib.contextmanager
+def _creating(uri: str) -> Iterator[None]:
+    """Holds a file lock while a new sqlite store is created: MLflow's schema migrations,
+    run by two processes at once (parallel sweep jobs), fail."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class StoppedEarly(Exception):
@@ -70,25 +89,44 @@ def _tag_quietly(key: str, value: str) -> None:
 
 def running_runs(cfg: TrackingConfig, tags: Mapping[str, str]) -> list[mlflow.entities.Run]:
     """Returns the experiment's RUNNING runs carrying all the given tags."""
-    query = f"{_tag_filter(tags)} and attributes.status = 'RUNNING'"
-    return mlflow.search_runs([connect(cfg)], filter_string=query, output_format="list")
+    return find_runs(cfg, tags, status="RUNNING")
 
 
-def _tag_filter(tags: Mapping[str, str]) -> str:
-    """Returns an MLflow filter matching runs with all these tags.
+def find_runs(cfg: TrackingConfig, tags: Mapping[str, str],
+              status: str | None = None) -> list[mlflow.entities.Run]:
+    """Returns the experiment's runs carrying all the given tags (and status), newest first."""
+    clauses = [_tag_clause(key, str(value)) for key, value in tags.items()]
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    query = " and ".join(c for c in clauses if c)
+    runs = mlflow.search_runs([connect(cfg)], filter_string=query, output_format="list",
+                              order_by=["attributes.start_time DESC"])
+    # Checked again here: a value holding both kinds of quote cannot go into the filter.
+    return [r for r in runs if all(r.data.tags.get(k) == str(v) for k, v in tags.items())]
 
-    Tags a filter cannot express are skipped: dotted keys, and values with a quote (a command
-    line); the rest (study name, trial number) identify the run."""
-    return " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items()
-                        if "." not in k and "'" not in str(v))
+
+def _tag_clause(key: str, value: str) -> str:
+    """Returns an MLflow filter clause matching one tag, or '' when none can express it."""
+    quote = "'" if "'" not in value else '"'
+    if quote in value or "`" in key:
+        return ""
+    return f"tags.`{key}` = {quote}{value}{quote}"
 
 
-def record_failure(cfg: TrackingConfig, tags: Mapping[str, str], reason: str) -> None:
+def failed_runs(cfg: TrackingConfig, sweep_id: str) -> list[mlflow.entities.Run]:
+    """Returns a sweep's FAILED job runs (tags sweep_job, failure_reason), by job number."""
+    runs = find_runs(cfg, {"sweep_id": sweep_id}, status="FAILED")
+    jobs = [r for r in runs if "sweep_job" in r.data.tags]
+    return sorted(jobs, key=lambda r: int(r.data.tags["sweep_job"]))
+
+
+def record_failure(cfg: TrackingConfig, tags: Mapping[str, str], reason: str,
+                   run_name: str | None = None) -> None:
     """Leaves a FAILED nested run for work refused before its own run started, unless one exists."""
     experiment_id = connect(cfg)
-    if mlflow.search_runs([experiment_id], filter_string=_tag_filter(tags), output_format="list"):
+    if find_runs(cfg, tags):
         return
-    mlflow.start_run(experiment_id=experiment_id, nested=True,
+    mlflow.start_run(experiment_id=experiment_id, nested=True, run_name=run_name,
                      tags={**cfg.tags, **tags, "failure_reason": reason[:5000]})
     mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
 
@@ -124,9 +162,12 @@ def log_metrics(metrics: Mapping[str, float]) -> None:
 
 def log_history(prefix: str, history: Mapping[str, list[float]]) -> None:
     """Logs per-epoch curves as metrics named <prefix>_<name> with the epoch as step."""
-    for name, values in history.items():
-        for epoch, value in enumerate(values):
-            mlflow.log_metric(f"{prefix}_{name}", value, step=epoch)
+    stamp = int(time.time() * 1000)
+    points = [Metric(f"{prefix}_{name}", float(value), stamp, epoch)
+              for name, values in history.items() for epoch, value in enumerate(values)]
+    run_id = mlflow.active_run().info.run_id
+    for start in range(0, len(points), 1000):  # MLflow takes at most 1000 metrics per batch
+        mlflow.MlflowClient().log_batch(run_id, metrics=points[start:start + 1000])
 
 
 def log_artifacts(paths: list[Path]) -> None:
@@ -141,12 +182,11 @@ def set_tags(tags: Mapping[str, Any]) -> None:
 
 
 def safe_url(url: str) -> str:
-    """Returns a storage URL with any password masked, fit for logging."""
-    head, at, tail = url.rpartition("@")
-    if not at or ":" not in head.split("//", 1)[-1]:
+    """Returns a storage URL with any password masked as ***, fit for logging."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:  # not a URL (e.g. "databricks"): no password in it
         return url
-    scheme, _, credentials = head.partition("//")
-    return f"{scheme}//{credentials.split(':', 1)[0]}:***@{tail}"
 
 
 def git_commit() -> str:

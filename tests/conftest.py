@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 import pytest
@@ -44,3 +47,28 @@ def assert_png(path: Path) -> None:
     """Asserts that path is a real, non-trivial PNG image."""
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 2000, path
+
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """Returns a loopback TCP port free right now (the suite runs tests in parallel)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str) -> T:
+    """Returns condition()'s first truthy value, polled until timeout seconds have passed.
+
+    Tests wait on the event they need (a file, a run in the store, a server answering), never
+    on a fixed sleep that a faster or slower machine breaks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = condition()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+import mlflow
 import pytest
 
-from src.config import PROJECT_ROOT
-from tests.conftest import compose_config, runs_of
+from src import tracking
+from src.config import PROJECT_ROOT, settings_from
+from tests.conftest import TINY, compose_config, runs_of
 
 
-def cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+def cli(tmp_path: Path, *overrides: str,
+        flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "src.run", f"paths.root={tmp_path}", *overrides],
+        [sys.executable, "-m", "src.run", *flags, f"paths.root={tmp_path}", *overrides],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -80,3 +85,51 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, overrides, expected):
     assert "Traceback" not in done.stderr
     assert "Epoch 1" not in done.stdout  # failed before any training
     assert no_run_left_running(tmp_path)
+
+
+TINY_CLI = [*TINY["data"], *TINY["model"], *TINY["train"]]
+
+
+def sweep_runs(tmp_path: Path) -> dict[int, mlflow.entities.Run]:
+    """Returns the sweep's job runs by job number (the sweep_job tag)."""
+    runs = runs_of(compose_config([f"paths.root={tmp_path}"]))
+    return {int(r.data.tags["sweep_job"]): r for r in runs if "sweep_job" in r.data.tags}
+
+
+def test_a_bad_multirun_job_is_recorded_and_the_others_run(tmp_path):
+    # Job 1 is refused before its run opens (rate + min_density > 1); 0 and 2 must still run.
+    done = cli(tmp_path, *TINY_CLI, "prune=flat", "prune.rate=0.5",
+               "prune.min_density=0.0,0.6,0.2", "+tracking.tags.note='two words {x}'",
+               flags=("--multirun",))
+    jobs = sweep_runs(tmp_path)
+    assert sorted(jobs) == [0, 1, 2], done.stderr[-3000:]
+    assert [jobs[n].info.status for n in (0, 1, 2)] == ["FINISHED", "FAILED", "FINISHED"]
+    failed = jobs[1].data.tags
+    assert failed["failure_reason"].startswith("ConfigError: prune.min_density")
+    assert failed["sweep_id"] == jobs[0].data.tags["sweep_id"]
+    assert "error: job 1: prune.min_density" in done.stderr
+    assert [r.data.tags["sweep_job"] for r in tracking.failed_runs(
+        settings_from(compose_config([f"paths.root={tmp_path}"])).tracking,
+        failed["sweep_id"])] == ["1"]
+    # The command tag replays the job exactly, quotes and braces included.
+    command = shlex.split(jobs[2].data.tags["command"])
+    assert command[:3] == ["python", "-m", "src.run"]
+    assert "prune.min_density=0.2" in command and "+tracking.tags.note='two words {x}'" in command
+    if (PROJECT_ROOT / "src" / "sweep_callback.py").exists():  # the ui helper's end-of-sweep line
+        assert done.returncode != 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+                    reason="the [slurm] extra (hydra-submitit-launcher) is not installed")
+def test_submitit_local_runs_each_job_in_its_own_process(tmp_path):
+    # What a Slurm sweep does, on this machine: each job is a separate process, started at
+    # once; the missing dense baseline is still trained once (the others wait on its lock).
+    done = cli(tmp_path, "hydra/launcher=submitit_local", *TINY_CLI, "prune=flat",
+               "prune.rate=0.3,0.5", flags=("--multirun",))
+    jobs = sweep_runs(tmp_path)
+    assert sorted(jobs) == [0, 1], done.stderr[-3000:]
+    assert all(r.info.status == "FINISHED" for r in jobs.values())
+    assert sorted(r.data.tags["baseline_reused"] for r in jobs.values()) == ["False", "True"]
+    logs = list(tmp_path.glob("mlruns/outputs/multiruns/*/*/.submitit/*/*_log.out"))
+    assert len({log.parent.name for log in logs}) == 2  # one submitit job folder each

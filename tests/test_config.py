@@ -7,14 +7,8 @@ import sys
 
 import pytest
 
-from src.config import (
-    PROJECT_ROOT,
-    ConfigError,
-    Settings,
-    compose_config,
-    search_settings_from,
-    settings_from,
-)
+from src.config import PROJECT_ROOT, ConfigError, Settings, compose_config, settings_from
+from src.search.settings import search_settings_from
 from tests.conftest import TINY, runs_of
 
 GROUP_OPTIONS = {
@@ -28,7 +22,7 @@ GROUP_OPTIONS = {
     "measure": ["default"],
     "paths": ["default"],
     "experiment": ["quick", "reference_oneshot", "reference_tfmot", "frontier_resnet8"],
-    "search": ["accuracy_per_mb", "pareto"],
+    "search": ["accuracy_per_mb", "pareto", "pareto_models"],
 }
 
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import shlex
+
+import mlflow
 import optuna
 import pytest
 
-from src.config import ConfigError, search_settings_from
-from src.search import make_study, run_search
+from src.config import ConfigError
+from src.search.objectives import OBJECTIVES, epoch_estimate
+from src.search.settings import search_settings_from
+from src.search.study import make_study
+from src.search.worker import run_search
 from src.summary import report
 from tests.conftest import TINY, assert_png, compose_config, runs_of
 
@@ -70,9 +76,10 @@ def test_early_stopping_study_records_trials_and_nested_runs(tmp_path):
         assert_png(plot)
 
 
-def test_pareto_study_and_resume_by_name(tmp_path):
+def test_pareto_study_and_resume_by_name(tmp_path, capsys):
+    # A quote in the study name must survive MLflow's tag filters (orphan clean-up, records).
     cfg, composer = search_cfg(
-        tmp_path, "search=pareto", "search.n_trials=2",
+        tmp_path, "search=pareto", "search.n_trials=2", 'search.study_name="it\'s"',
         "~search.space", "+search.space={rate: {path: prune.rate, low: 0.2, high: 0.9}, "
         "method: {path: prune, choices: [flat, layer]}, quant: {path: quant, choices: [int8]}}")
     first = run_search(cfg, composer)
@@ -80,9 +87,31 @@ def test_pareto_study_and_resume_by_name(tmp_path):
     for trial in first.best_trials:
         assert 0 <= trial.values[0] <= 1 and trial.values[1] > 0
     again = run_search(cfg, composer)
-    assert len(again.trials) == 4 and again.study_name == first.study_name
+    assert len(again.trials) == 4 and again.study_name == first.study_name == "it's"
     assert all(t.state == TrialState.COMPLETE for t in again.trials)
-    text, files = report("study", "pareto", [f"paths.root={tmp_path}", "search=pareto"])
+    output = capsys.readouterr().out
+    for count, number in [(1, 0), (2, 1), (1, 2), (2, 3)]:
+        (line,) = [x for x in output.splitlines() if x.startswith(f"trial {count}/2 (#{number}) ")]
+        assert "COMPLETE tflite_accuracy=0." in line and " KB " in line and "method=" in line
+    summary = [x for x in output.splitlines() if x.startswith("summary: ")][-1]  # 2nd worker
+    assert shlex.split(summary)[1:6] == ["python", "-m", "src.summary", "study", "it's"]
+    front = again.best_trials
+    assert f"Pareto front of study \"it's\" ({len(front)} trials):" in output
+    for trial in front:
+        assert trial.user_attrs["run_id"] in output
+    runs = runs_of(cfg)
+    parents = [r for r in runs if r.data.tags.get("role") == "search_worker"]
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    newest = max(parents, key=lambda r: r.info.start_time)
+    assert newest.data.metrics["pareto_front_size"] == len(front)
+    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(newest.info.run_id)}
+    assert {"pareto_front.png", "optimization_history.png", "summary.md"} <= artifacts
+    for tracked in trial_runs(cfg):
+        number = tracked.data.tags["trial_number"]
+        assert tracked.info.run_name.startswith(f"it's#{number} ")
+        assert tracked.data.params["objective"] == "tflite_accuracy,tflite_zip_bytes"
+        assert tracked.data.tags["search.objectives"] == "tflite_accuracy,tflite_zip_bytes"
+    text, files = report("study", "it's", [f"paths.root={tmp_path}", "search=pareto"])
     assert "4 trials: 4 complete, 0 early-stopped, 0 failed" in text
     assert "Pareto front" in text
     assert {f.name for f in files} >= {"pareto_front.png", "optimization_history.png"}
@@ -134,7 +163,6 @@ def test_reusing_a_study_name_with_other_objectives_is_refused(tmp_path):
 
 def test_epoch_estimates_follow_the_objective():
     from src.keras_env import keras
-    from src.search import epoch_estimate
 
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, use_bias=False)])
     model.layers[0].kernel.assign([[1, 0], [0, 2], [0, 0], [3, 0]])  # 3 of 8 weights non-zero
@@ -142,3 +170,43 @@ def test_epoch_estimates_follow_the_objective():
     assert epoch_estimate("tflite_zip_bytes", 0.6, model, 4) == 12
     assert epoch_estimate("sparsity_global", 0.6, model, 1) == pytest.approx(5 / 8)
     assert epoch_estimate("tflite_accuracy", 0.6, model, 1) == 0.6
+
+
+def test_a_tfmot_trial_is_estimated_at_its_final_sparsity():
+    # Early in fine-tuning a tfmot trial is still dense; counted as it is, its size estimate is
+    # 5x its final one at 80% sparsity and the median rule would stop it for that alone.
+    import numpy as np
+
+    from src.keras_env import keras, tfmot
+    from src.search.objectives import final_sparsity_of
+
+    schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=100)
+    model = tfmot.sparsity.keras.prune_low_magnitude(keras.Sequential(
+        [keras.Input((10,)), keras.layers.Dense(10, use_bias=False)]), pruning_schedule=schedule)
+    kernel = model.layers[0].pruning_vars[0][0]
+    kernel.assign(np.ones((10, 10)))  # epoch 1: not pruned yet
+    final = final_sparsity_of("tfmot", 0.8, structured_2_4=False)
+    at_epoch_1 = epoch_estimate("accuracy_per_mb", 0.5, model, 1, final)
+    assert epoch_estimate("accuracy_per_mb", 0.5, model, 1) == pytest.approx(at_epoch_1 / 5)
+    kernel.assign(np.where(np.arange(100).reshape(10, 10) < 80, 0.0, 1.0))  # the end: 80% zeros
+    at_end = epoch_estimate("accuracy_per_mb", 0.5, model, 1, final)
+    assert at_epoch_1 == pytest.approx(at_end) == pytest.approx(0.5 / 20e-6)
+    assert epoch_estimate("tflite_zip_bytes", 0.5, model, 1, final) == pytest.approx(20)
+    assert final_sparsity_of("flat", 0.8, False) is None  # masks are final from epoch 1
+    assert final_sparsity_of("tfmot", 0.8, True) == 0.5  # 2:4
+
+
+def test_objective_values_come_from_the_run_and_search_size():
+    metrics = {"tflite_accuracy": 0.8, "tflite_bytes": 400_000, "tflite_zip_bytes": 200_000,
+               "accuracy_per_mb": 4.0}
+    assert OBJECTIVES["accuracy_per_mb"].value(metrics, "zipped") == 4.0
+    assert OBJECTIVES["accuracy_per_mb"].value(metrics, "raw") == pytest.approx(2.0)
+    assert OBJECTIVES["tflite_bytes"].direction == "minimize"
+    with pytest.raises(KeyError, match="tflite_latency_ms"):
+        OBJECTIVES["tflite_latency_ms"].value(metrics, "zipped")
+
+
+def test_early_stopping_refuses_an_objective_it_cannot_estimate(tmp_path):
+    cfg, _ = search_cfg(tmp_path, "search=accuracy_per_mb", "search.objectives=[macs]")
+    with pytest.raises(ConfigError, match="^search.early_stop.rule: macs cannot be estimated"):
+        search_settings_from(cfg)

@@ -14,8 +14,9 @@ import optuna
 import pytest
 
 from src import tracking
-from src.config import PROJECT_ROOT, ConfigError, search_settings_from, settings_from
-from src.search import make_study
+from src.config import PROJECT_ROOT, ConfigError, settings_from
+from src.search.settings import search_settings_from
+from src.search.study import make_study
 from tests import postgres
 from tests.conftest import TINY, compose_config, runs_of
 
@@ -31,7 +32,7 @@ def start(module: str, *overrides: str) -> subprocess.Popen:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def finish(process: subprocess.Popen, timeout: float = 400) -> str:
+def finish(process: subprocess.Popen, timeout: float = 900) -> str:
     output, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, output[-3000:]
     return output
@@ -77,44 +78,59 @@ def test_two_workers_share_one_postgresql_study(tmp_path):
         mlflow.set_tracking_uri("sqlite://")  # let go of the server before it stops
 
 
-def test_killed_worker_trial_is_retried_and_its_runs_closed(tmp_path):
+def read_until(process: subprocess.Popen, prefix: str, timeout: float) -> list[str]:
+    """Returns the process's output lines up to the first starting with prefix."""
+    lines, deadline = [], time.monotonic() + timeout
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+        if time.monotonic() > deadline:
+            break
+    raise AssertionError(f"no line {prefix!r} within {timeout} s:\n" + "".join(lines[-30:]))
+
+
+def test_killed_worker_trial_is_retried_at_once_and_its_runs_closed(tmp_path):
+    # A 4-trial search killed mid-trial and started again at once: the heartbeat (30 s) is
+    # not stale yet, but the dead worker's process is gone from this host.
     overrides = [
-        f"paths.root={tmp_path}", *SEARCH, "search.n_trials=2", "search.heartbeat_seconds=1",
-        "search.grace_seconds=2", "search.study_name=faults",
+        f"paths.root={tmp_path}", *SEARCH, "train.verbose=2", "search.n_trials=4",
+        "search.study_name=faults",
         "+search.space={rate: {path: prune.rate, low: 0.3, high: 0.3}, "
         "method: {path: prune, choices: [flat]}, "
-        "finetune_epochs: {path: prune.finetune_epochs, choices: [1, 60]}}",
+        "finetune_epochs: {path: prune.finetune_epochs, choices: [1, 20]}}",
     ]
     cfg = compose_config(overrides)
     study = make_study(search_settings_from(cfg))
-    study.enqueue_trial({"rate": 0.3, "method": "flat", "finetune_epochs": 1})
-    study.enqueue_trial({"rate": 0.3, "method": "flat", "finetune_epochs": 60})
+    for epochs in (1, 20, 1, 1):
+        study.enqueue_trial({"rate": 0.3, "method": "flat", "finetune_epochs": epochs})
     worker = start("src.search", *overrides)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # wait until trial 1 (the long one) is running
-        trials = study.get_trials(deepcopy=False)
-        if len(trials) == 2 and trials[1].state == TrialState.RUNNING:
-            break
-        time.sleep(0.5)
-    time.sleep(3)  # well inside its fine-tuning
+    read_until(worker, "Epoch 3/20", timeout=900)  # trial 1 is fine-tuning
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=30)
     first_value = study.trials[0].value
-    assert study.trials[0].state == TrialState.COMPLETE
+    assert [t.state for t in study.trials[:2]] == [TrialState.COMPLETE, TrialState.RUNNING]
     assert [r.info.status for r in runs_of(cfg)].count("RUNNING") == 2  # trial 1 and parent
 
-    time.sleep(3)  # past the grace period: the heartbeat is stale
-    finish(start("src.search", *overrides))
+    output = finish(start("src.search", *overrides))
     trials = study.get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert trials[0].state == TrialState.COMPLETE and trials[0].value == first_value
     assert trials[1].state == TrialState.FAIL
+    assert trials[1].user_attrs["failure_reason"] == "its search worker died"
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == 1]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == trials[1].params
+    assert "failure_reason" not in retried[0].user_attrs
     runs = runs_of(cfg)
     assert not [r for r in runs if r.info.status == "RUNNING"]
     killed = [r for r in runs if r.info.status == "KILLED"]
     assert {r.data.tags.get("trial_number", "parent") for r in killed} == {"1", "parent"}
     assert all(r.data.tags["closed_because"] == "its search worker died" for r in killed)
+    # One line per trial (Optuna's own INFO line silenced), then the closing block.
+    assert len([line for line in output.splitlines() if line.startswith("trial 1/4 ")]) == 1
+    assert "finished with value" not in output
+    assert "summary: python -m src.summary study faults" in output
 
 
 def test_failure_rate_cap_stops_a_search_that_fails_everything(tmp_path):
@@ -150,24 +166,31 @@ def test_nan_loss_fails_the_trial_with_its_reason(make_cfg):
 
 
 @pytest.mark.parametrize("module", ["src.run", "src.search"])
-def test_ctrl_c_ends_the_run_as_killed(tmp_path, module):
+@pytest.mark.parametrize("stop,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_and_sigterm_end_the_run_as_killed(tmp_path, module, stop, code):
     overrides = [f"paths.root={tmp_path}", *TINY["data"], *TINY["model"], "train.verbose=2",
                  "train.batch_size=32", "train.epochs=300"]
     if module == "src.search":
         overrides += ["search=accuracy_per_mb", "search.n_trials=1"]
     process = start(module, *overrides)
-    deadline = time.time() + 120
-    for line in process.stdout:  # wait for training to be under way
-        if line.startswith("Epoch 3/") or time.time() > deadline:
-            break
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=60)
-    assert process.returncode == 130, output[-2000:]
+    read_until(process, "Epoch 3/", timeout=900)  # training is under way
+    process.send_signal(stop)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == code, output[-2000:]
     # The last word is ours (Optuna logs the interrupted trial's traceback as a warning before).
-    assert output.strip().splitlines()[-1].startswith("interrupted: ")
+    assert output.strip().splitlines()[-1].startswith("interrupted ")
     runs = runs_of(compose_config(overrides))
     assert len(runs) == (2 if module == "src.search" else 1)  # trial run under a worker run
     assert all(r.info.status == "KILLED" for r in runs)
+    if stop == signal.SIGTERM:
+        assert all(r.data.tags["interrupted"] == "stopped by SIGTERM" for r in runs)
+    if module == "src.search":  # the trial failed, not left RUNNING, and waits to be retried
+        study = optuna.load_study(study_name="accuracy_per_mb",
+                                  storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+        states = [t.state for t in study.trials]
+        assert states == [TrialState.FAIL, TrialState.WAITING]
+        assert study.trials[1].params == study.trials[0].params
 
 
 def test_unreachable_database_fails_fast(tmp_path):
@@ -177,3 +200,19 @@ def test_unreachable_database_fails_fast(tmp_path):
     with pytest.raises(ConfigError, match=r"^search.storage: cannot open postgresql://"):
         make_study(search_settings_from(cfg))
     assert time.time() - started < 15
+
+
+def test_storage_passwords_are_hidden_and_quoted_tags_are_found(tmp_path):
+    assert tracking.safe_url("postgresql://me:s3cr%40t@db:5432/optuna") == \
+        "postgresql://me:***@db:5432/optuna"
+    assert tracking.safe_url("sqlite:///x/optuna.db") == "sqlite:///x/optuna.db"
+    assert tracking.safe_url("databricks") == "databricks"
+    cfg = settings_from(compose_config([f"paths.root={tmp_path}"])).tracking
+    odd = {"study_name": "it's", "note": 'say "hi"', "both": "it's \"x\"", "a.b": "dotted"}
+    with tracking.tracked_run(cfg, odd, run_name="odd"):
+        tracking.log_history("finetune", {"loss": [3.0, 2.0, 1.0]})
+    (found,) = tracking.find_runs(cfg, odd)
+    assert found.info.run_name == "odd"
+    history = mlflow.MlflowClient().get_metric_history(found.info.run_id, "finetune_loss")
+    assert [(m.step, m.value) for m in history] == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    assert tracking.find_runs(cfg, {**odd, "study_name": "its"}) == []
