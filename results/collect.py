@@ -33,7 +33,8 @@ from src.units import KB, MB
 RESULTS = PROJECT_ROOT / "results"
 METRICS = ["baseline_test_accuracy", "test_accuracy", "tflite_accuracy", "sparsity_global",
            "tflite_sparsity", "model_bytes", "model_zip_bytes", "tflite_bytes",
-           "tflite_zip_bytes", "accuracy_per_mb", "train_seconds"]
+           "tflite_zip_bytes", "accuracy_per_mb", "train_seconds", "macs", "params",
+           "tflite_latency_ms", "teacher_test_accuracy"]
 MIB = 1024 * 1024  # the reference study's "MB" (see reference_section)
 
 # The reference study's published numbers (stock MobileNetV2, CIFAR-10), which the table beats.
@@ -41,6 +42,9 @@ REFERENCE = {"dense": 0.67, "tfmot": 0.65, "int8": 0.63, "model_mb": 9.15, "zipp
              "quantized_mb": 0.56}
 # The frontier targets: int8 TFLite test accuracy at no more than this many zipped bytes.
 FRONTIER = [(64 * KB, 0.85), (256 * KB, 0.88)]
+# Channel pruning's target: int8 accuracy at no more than this many raw .tflite bytes, this many
+# times faster than the dense int8 model measured beside it.
+CHANNEL_TARGET = {"accuracy": 0.84, "raw_bytes": 64 * KB, "speedup": 1.5}
 
 
 def row_name(config: dict) -> str:
@@ -87,14 +91,15 @@ def unique_names(settings: list[dict[str, str]], base: list[str]) -> list[str]:
 
 
 def collect(experiments: list[str], uri: str, results: Path,
-            max_model_bytes: int) -> list[dict]:
+            max_model_bytes: int, kept: list[dict] = ()) -> list[dict]:
     """Returns one row per distinct config of the experiments' finished runs, and replaces
     results/models/ with the files that re-evaluate them once every row has been read.
 
     Artifacts are read through MLflow's artifact API, so a tracking server with proxied
     artifacts and runs logged from other machines are read like a local store. Runs with
     identical result settings are merged: the newest is kept and the others are listed in
-    its row's ``merged_runs`` (and printed)."""
+    its row's ``merged_runs`` (and printed). kept: rows of other experiments, already in the
+    table, that stay with their files (their MLflow runs may live on another machine)."""
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     found = {}
@@ -126,18 +131,23 @@ def collect(experiments: list[str], uri: str, results: Path,
                              "command": run.data.tags.get("command", ""),
                              **{k: run.data.metrics.get(k) for k in METRICS},
                              "config": config, "check": None, "file": None,
-                             "merged_runs": [], "baseline_key": run.data.tags.get("baseline_key")})
+                             "merged_runs": [], "baseline_key": run.data.tags.get("baseline_key"),
+                             "start_time": run.info.start_time, "end_time": run.info.end_time})
         names = unique_names(settings, [f"{r['experiment']}/{r['name']}" for r in rows])
         for row, name in zip(rows, names):
             row["name"] = name.split("/", 1)[1]
             _attach_check(row, client, staging, results, max_model_bytes)
+        for row in kept:
+            if row["file"] and not (staging / row["file"]).exists():
+                shutil.copyfile(results / row["file"], _mkdir(staging / "models") /
+                                Path(row["file"]).name)
         # Every row is read: only now are the old files replaced by the current rows'.
         shutil.rmtree(results / "models", ignore_errors=True)
         if (staging / "models").exists():
             shutil.copytree(staging / "models", results / "models")
     for row in rows:
         del row["baseline_key"]
-    return sorted(rows, key=lambda r: (r["experiment"], r["name"]))
+    return sorted([*rows, *kept], key=lambda r: (r["experiment"], r["name"]))
 
 
 def _read_config(client: mlflow.MlflowClient, run: mlflow.entities.Run, experiment: str,
@@ -171,12 +181,17 @@ def _attach_check(row: dict, client: mlflow.MlflowClient, staging: Path, results
         shutil.copyfile(downloaded, target)
         row["check"], row["file"] = "tflite", f"models/{target.name}"
         return
-    prune, key = row["config"]["prune"], row["baseline_key"]
-    name = f"{row['config']['model']['name']}-dense-{key}.h5"
+    prune, key, model = row["config"]["prune"], row["baseline_key"], row["config"]["model"]
+    if model["name"] == "file":  # the dense baseline is the model file the run loaded
+        source = Path(model["path"])
+        source = source if source.is_absolute() else PROJECT_ROOT / source
+        name, sources = source.name, [source]
+    else:
+        name = f"{model['name']}-dense-{key}.h5"
+        # The dense baseline is not an artifact: it is in this machine's cache, or committed.
+        sources = [Path(row["config"]["paths"]["cache_dir"]) / "baselines" / str(key) /
+                   "model.h5", results / "models" / name]
     target = models / name
-    # The dense baseline is not an artifact: it is in this machine's cache, or committed.
-    sources = [Path(row["config"]["paths"]["cache_dir"]) / "baselines" / str(key) / "model.h5",
-               results / "models" / name]
     source = next((s for s in sources if s.exists()), None)
     if prune["method"] in ("none", "flat", "layer") and not prune.get("finetune_epochs") \
             and source is not None:
@@ -205,10 +220,11 @@ Sizes are bytes / 1,000,000 (MB) or / 1,000 (KB), so the 64 KB limit is 64,000 b
 """
 
 
-def render(rows: list[dict], args: str) -> str:
-    """Returns results/README.md."""
+def render(rows: list[dict], args: str, results: Path = RESULTS) -> str:
+    """Returns results/README.md (the channel rows' files are read from results)."""
     parts = [HEADER.format(args=args), reference_section(rows), oneshot_section(rows),
-             frontier_section(rows), table_section(rows), commands_section(rows)]
+             model_file_section(rows), channel_section(rows, results), frontier_section(rows),
+             table_section(rows), commands_section(rows)]
     return "\n".join(p for p in parts if p)
 
 
@@ -318,6 +334,79 @@ def oneshot_plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def model_file_section(rows: list[dict]) -> str:
+    """Returns the one-shot rows re-run from a committed dense model file (model=file) beside
+    the rows trained and pruned in one go, and the wall time of that sweep."""
+    oneshot = oneshot_rows(rows)
+    pairs = [(row, oneshot.get(("mobilenetv2", method, rate)))
+             for (model, method, rate), row in sorted(oneshot.items()) if model == "file"]
+    pairs = [(mine, theirs) for mine, theirs in pairs if theirs is not None]
+    if not pairs:
+        return ""
+    lines = ["## The one-shot sweep again, from the committed dense model (model=file)\n",
+             "Keras test accuracy of each one-shot row pruned from "
+             f"`{pairs[0][0]['config']['model']['path']}` with `model=file` (no training), "
+             "beside the same row of the sweep that trained that baseline.\n",
+             "| method | rate | from the file | trained sweep | difference (points) |",
+             "|---|---|---|---|---|"]
+    for mine, theirs in pairs:
+        prune = mine["config"]["prune"]
+        lines.append(f"| {prune['method']} | {prune['rate']:.1f} | {mine['test_accuracy']:.4f} | "
+                     f"{theirs['test_accuracy']:.4f} | "
+                     f"{(mine['test_accuracy'] - theirs['test_accuracy']) * 100:+.2f} |")
+    worst = max(abs(m["test_accuracy"] - t["test_accuracy"]) for m, t in pairs) * 100
+    starts = [m["start_time"] for m, _ in pairs if m.get("start_time")]
+    ends = [m["end_time"] for m, _ in pairs if m.get("end_time")]
+    span = f"{(max(ends) - min(starts)) / 60_000:.1f} minutes" if starts and ends else "unknown"
+    lines.append(f"\n{len(pairs)} rows, largest difference {worst:.2f} points; the sweep's wall "
+                 f"time, first run's start to last run's end: {span}.")
+    return "\n".join(lines) + "\n"
+
+
+def channel_section(rows: list[dict], results: Path) -> str:
+    """Returns the channel-pruning rows beside the dense and magnitude-pruned ones, their
+    latencies measured now, side by side and interleaved, from the committed files."""
+    chosen = [r for r in rows if r["experiment"] == "channel" and r["check"] == "tflite"]
+    dense = next((r for r in chosen if r["config"]["prune"]["method"] == "none"), None)
+    if dense is None:
+        return ""
+    from src import speed  # LiteRT only when there is something to time
+
+    files = {r["name"]: (results / r["file"]).read_bytes() for r in chosen}
+    latency = speed.compare_latency(files, threads=1, warmup=50, runs=200, repeats=5)
+    base = latency[dense["name"]].median_ms
+    lines = ["## Real size and real speed: channel pruning against magnitude pruning (int8)\n",
+             "ResNet-8 from its committed dense model (`model=file`), int8. Magnitude pruning "
+             "(flat) zeroes weights: the zip shrinks, the raw `.tflite` a device stores and its "
+             "MACs do not. Channel pruning removes filters and rebuilds a smaller dense model. "
+             "Latency: LiteRT, batch 1, 1 thread, measured by this command with every row's "
+             "file loaded at once and their invokes interleaved (5 rounds of 200 after 50 "
+             "warm-up invokes; median of round medians), so all rows share the machine's "
+             "state.\n",
+             "| row | distill | TFLite acc | raw bytes | zipped bytes | MACs | params | "
+             "latency ms | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(chosen, key=lambda r: -r["tflite_bytes"]):
+        distill = r["config"].get("distill", {}).get("alpha", 0.0)
+        stats = latency[r["name"]]
+        lines.append(f"| {r['name']} | {distill or '-'} | {r['tflite_accuracy']:.2%} | "
+                     f"{r['tflite_bytes']:.0f} | {r['tflite_zip_bytes']:.0f} | "
+                     f"{r['macs'] or 0:.0f} | {r['params'] or 0:.0f} | "
+                     f"{stats.median_ms:.4f} | {base / stats.median_ms:.2f}x |")
+    target = CHANNEL_TARGET
+    fits = [r for r in chosen if r["tflite_bytes"] <= target["raw_bytes"]
+            and base / latency[r["name"]].median_ms >= target["speedup"]]
+    best = max(fits, key=lambda r: r["tflite_accuracy"], default=None)
+    verdict = "no row fits the size and speed-up" if best is None else (
+        f"best fitting row {best['name']}: {best['tflite_accuracy']:.2%} "
+        f"({(best['tflite_accuracy'] - target['accuracy']) * 100:+.2f} points against the "
+        f"target: {'met' if best['tflite_accuracy'] >= target['accuracy'] else 'not met'})")
+    lines.append(f"\nTarget: at least {target['accuracy']:.0%} int8 accuracy with a raw .tflite "
+                 f"of at most {target['raw_bytes']:,} bytes, {target['speedup']}x faster than "
+                 f"the dense row; {verdict}.")
+    return "\n".join(lines) + "\n"
+
+
 def frontier_section(rows: list[dict]) -> str:
     """Returns the frontier targets and the best int8 row under each size limit."""
     int8 = [r for r in rows if r["config"]["quant"]["mode"] == "int8"]
@@ -378,16 +467,22 @@ def main() -> None:
     parser.add_argument("--uri", default=f"sqlite:///{PROJECT_ROOT}/mlruns/mlflow.db")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--max-model-bytes", type=int, default=3_000_000)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the table's rows of the experiments not collected now")
     args = parser.parse_args()
     experiments = args.experiment or ["reference"]
     matplotlib.use("Agg")
+    kept = []
+    if args.keep and (args.out / "table.json").exists():
+        kept = [row for row in json.loads((args.out / "table.json").read_text())
+                if row["experiment"] not in experiments]
     try:
-        rows = collect(experiments, args.uri, args.out, args.max_model_bytes)
+        rows = collect(experiments, args.uri, args.out, args.max_model_bytes, kept)
     except CollectError as error:
         raise SystemExit(f"error: {error}") from None
     (args.out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
-    command = " ".join(f"--experiment {e}" for e in experiments)
-    (args.out / "README.md").write_text(render(rows, command))
+    command = " ".join(f"--experiment {e}" for e in experiments) + " --keep" * args.keep
+    (args.out / "README.md").write_text(render(rows, command, args.out))
     oneshot_plot(rows, args.out / "oneshot.png")
     for row in rows:
         print(f"{row['experiment']:10s} {row['name']:36s} keras {row['test_accuracy']:.4f} "

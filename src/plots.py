@@ -44,8 +44,11 @@ def plottable(point: Point) -> bool:
 
 
 def accuracy_vs_size(points: Sequence[Point], title: str, path: Path,
-                     size_name: str = "zipped .tflite size") -> Path:
-    """Writes accuracy against size (KB, log axis), the front connected, points labelled."""
+                     size_name: str = "zipped .tflite size", unit: str = "KB") -> Path:
+    """Writes accuracy against size (KB, log axis), the front connected, points labelled.
+
+    Any cost to minimise works as the x axis (latency in ms, MACs in millions): name its unit.
+    """
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
     shown = [p for p in points if plottable(p)]
@@ -65,7 +68,8 @@ def accuracy_vs_size(points: Sequence[Point], title: str, path: Path,
                       textcoords="offset points", fontsize=8)
     axes.set_xscale("log")
     _label_log_axis(axes, [p.size_kb for p in shown])
-    axes.set(xlabel=f"{size_name} (KB, log scale)", ylabel="TFLite test accuracy", title=title)
+    axes.set(xlabel=f"{size_name} ({unit}, log scale)", ylabel="TFLite test accuracy",
+             title=title)
     axes.grid(alpha=0.3, which="both")
     _legend(axes)
     return _save(figure, path)

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from src import baseline, data, tracking
+from src import baseline, data, model_file, tracking
 from src.config import ConfigError, register_resolvers, settings_from
 from src.data import DataError
 from src.keras_env import keras
@@ -95,22 +95,28 @@ def sensitivity(cfg: DictConfig) -> tuple[str, SensitivityTable]:
     if not rates or sorted(set(rates)) != rates or not 0 < rates[0] <= rates[-1] < 1:
         raise ConfigError(f"sensitivity.rates: need increasing rates in (0, 1), got {rates}")
     method = settings.prune.method if settings.prune.method in METHODS else "magnitude"
-    dataset = data.load(settings.data, settings.paths.cache_dir)
+    own = None  # model=file: the loaded model is the baseline, and the data fit its input
+    if settings.model.name == "file":
+        own, dataset = model_file.baseline_from_file(settings)
+    else:
+        dataset = data.load(settings.data, settings.paths.cache_dir)
     if not len(dataset.x_val):
         raise ConfigError("data.val_fraction: sensitivity is measured on the validation split, "
                           "which is empty")
     keras.backend.clear_session()
     keras.utils.set_random_seed(settings.train.seed)
-    key = baseline.baseline_key(dataset, settings.data, settings.model, settings.train)
+    key = own.key if own else baseline.baseline_key(dataset, settings.data, settings.model,
+                                                    settings.train)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["tracking"]["uri"] = tracking.safe_url(resolved["tracking"]["uri"])
     tags = {"role": "sensitivity", "baseline_key": key, "data_fingerprint": dataset.fingerprint,
             "git_commit": tracking.git_commit(), "sensitivity_method": method}
-    name = f"sensitivity {settings.model.name} {method}"
+    model_name = Path(settings.model.path).stem if own else settings.model.name
+    name = f"sensitivity {model_name} {method}"
     with tracking.tracked_run(settings.tracking, tags, run_name=name) as active:
         tracking.log_params(tracking.flatten(resolved))
-        base = baseline.load_or_train(key, settings.paths.cache_dir, dataset, settings.model,
-                                      settings.train)
+        base = own or baseline.load_or_train(key, settings.paths.cache_dir, dataset,
+                                             settings.model, settings.train)
         table = measure(base.model, settings.prune.layer_types, rates, dataset.x_val,
                         dataset.y_val, METHODS[method])
         tracking.log_metrics({DENSE_METRIC: table.dense_accuracy,
@@ -118,7 +124,7 @@ def sensitivity(cfg: DictConfig) -> tuple[str, SensitivityTable]:
         with tempfile.TemporaryDirectory() as scratch:
             out = Path(scratch)
             (out / TABLE_FILE).write_text(table.to_csv())
-            heat_map(table, f"{settings.model.name} on {settings.data.name}: {method} pruning,\n"
+            heat_map(table, f"{model_name} on {settings.data.name}: {method} pruning,\n"
                      "one layer at a time (val accuracy, change from dense)",
                      out / "sensitivity.png")
             tracking.log_artifacts([out / TABLE_FILE, out / "sensitivity.png"])

@@ -29,6 +29,13 @@ from src.units import KB
 
 MIN_TRIALS_FOR_IMPORTANCES = 10
 SIZE_OBJECTIVES = ("tflite_zip_bytes", "tflite_bytes", "model_zip_bytes", "model_bytes")
+# The costs a study's accuracy is plotted against: trial attribute -> (divisor, unit, label, file).
+COST_AXES = {
+    "tflite_zip_bytes": (KB, "KB", "zipped .tflite size", "pareto_front.png"),
+    "tflite_bytes": (KB, "KB", "raw .tflite size", "accuracy_vs_raw_size.png"),
+    "tflite_latency_ms": (1.0, "ms", "latency (batch 1)", "accuracy_vs_latency.png"),
+    "macs": (1e6, "millions", "MACs", "accuracy_vs_macs.png"),
+}
 
 # ------------------------------------------------------------------------------ study
 
@@ -138,12 +145,16 @@ def study_plots(study: optuna.Study, out_dir: Path, subtitle: str = "") -> list[
     head = f"study {study.study_name}" + (f" ({subtitle})" if subtitle else "")
     complete = _complete(study)
     written = []
-    points = [plots.Point(f"#{t.number}", t.user_attrs.get("tflite_zip_bytes", math.nan) / KB,
-                          t.user_attrs.get("tflite_accuracy", math.nan), _choices(t))
-              for t in complete]
-    if any(plots.plottable(p) for p in points):
-        written.append(plots.accuracy_vs_size(
-            points, f"{head}: accuracy vs size, trials by number", out_dir / "pareto_front.png"))
+    for attr, (scale, unit, what, file_name) in COST_AXES.items():
+        if attr != "tflite_zip_bytes" and attr not in _objective_names(study):
+            continue  # the zipped size always; raw size, latency, MACs when they are objectives
+        points = [plots.Point(f"#{t.number}", t.user_attrs.get(attr, math.nan) / scale,
+                              t.user_attrs.get("tflite_accuracy", math.nan), _choices(t))
+                  for t in complete]
+        if any(plots.plottable(p) for p in points):
+            written.append(plots.accuracy_vs_size(
+                points, f"{head}: accuracy vs {what}, trials by number", out_dir / file_name,
+                size_name=what, unit=unit))
     if complete:
         series = {}
         for index, (name, direction) in enumerate(zip(_objective_names(study),

@@ -22,7 +22,7 @@ GROUP_OPTIONS = {
     "measure": ["default"],
     "paths": ["default"],
     "experiment": ["quick", "reference_oneshot", "reference_tfmot", "frontier_resnet8"],
-    "search": ["accuracy_per_mb", "pareto", "pareto_models"],
+    "search": ["accuracy_per_mb", "pareto", "pareto_models", "device"],
 }
 
 

@@ -210,3 +210,25 @@ def test_early_stopping_refuses_an_objective_it_cannot_estimate(tmp_path):
     cfg, _ = search_cfg(tmp_path, "search=accuracy_per_mb", "search.objectives=[macs]")
     with pytest.raises(ConfigError, match="^search.early_stop.rule: macs cannot be estimated"):
         search_settings_from(cfg)
+
+
+def test_a_three_objective_study_on_what_the_device_sees(tmp_path):
+    cfg, composer = search_cfg(
+        tmp_path, "search=device", "~search.space",
+        "+search.space={method: {path: prune, choices: [channel, flat]}, "
+        "rate: {path: prune.rate, low: 0.2, high: 0.6}, quant: {path: quant, choices: [int8]}}",
+        "prune.min_channels=1", "measure.latency_runs=5", "measure.latency_repeats=2")
+    study = run_search(cfg, composer)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
+    front = study.best_trials
+    assert front and all(len(t.values) == 3 for t in front)
+    by_number = {t.number: t for t in study.trials}
+    for tracked in trial_runs(cfg):
+        trial = by_number[int(tracked.data.tags["trial_number"])]
+        metrics = tracked.data.metrics
+        assert trial.values == [metrics["tflite_accuracy"], metrics["tflite_bytes"],
+                                metrics["tflite_latency_ms"]]
+    parent = max((r for r in runs_of(cfg) if r.data.tags.get("role") == "search_worker"),
+                 key=lambda r: r.info.start_time)
+    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"accuracy_vs_raw_size.png", "accuracy_vs_latency.png"} <= artifacts
