@@ -290,8 +290,10 @@ def test_multirun_shares_one_loaded_baseline(files, tmp_path):
     done = cli(tmp_path, "model=file", f"model.path={files['h5']}", "prune=flat,layer",
                "prune.rate=0.3,0.5,0.7", multirun=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = runs_of(compose_config([f"paths.root={tmp_path}"]))
-    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
+    every = runs_of(compose_config([f"paths.root={tmp_path}"]))
+    runs = [r for r in every if "sweep_job" in r.data.tags]  # the jobs, not the sweep's parent
+    assert len(every) == 7 and len(runs) == 6
+    assert all(r.info.status == "FINISHED" for r in every)
     assert len({r.data.tags["baseline_key"] for r in runs}) == 1
     assert [r.data.tags["baseline_reused"] for r in runs].count("False") == 1  # evaluated once
     assert len({r.data.metrics["baseline_test_accuracy"] for r in runs}) == 1
