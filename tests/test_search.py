@@ -106,8 +106,10 @@ def test_pareto_study_and_resume_by_name(tmp_path, capsys):
     assert newest.data.metrics["pareto_front_size"] == len(front)
     artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(newest.info.run_id)}
     assert {"pareto_front.png", "optimization_history.png", "summary.md"} <= artifacts
+    by_number = {t.number: t for t in again.trials}
     for tracked in trial_runs(cfg):
         number = tracked.data.tags["trial_number"]
+        assert by_number[int(number)].user_attrs["run_id"] == tracked.info.run_id
         assert tracked.info.run_name.startswith(f"it's#{number} ")
         assert tracked.data.params["objective"] == "tflite_accuracy,tflite_zip_bytes"
         assert tracked.data.tags["search.objectives"] == "tflite_accuracy,tflite_zip_bytes"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable, Sequence
 
-import mlflow
 import optuna
 from omegaconf import DictConfig
 
@@ -49,10 +48,12 @@ def run_trial(trial: optuna.Trial, search: SearchConfig, compose: Composer,
         tracking.record_failure(tracking_cfg, tags, reason,
                                 run_name=f"{search.study_name}#{trial.number} failed")
         raise
-    finished = mlflow.last_active_run()
-    if finished is not None:
-        trial.set_user_attr("run_id", finished.info.run_id)
-        trial.set_user_attr("run_name", finished.info.run_name)
+    # The trial's own nested run (the worker's parent run is still the active one).
+    found = tracking.find_runs(tracking_cfg, {"study_name": search.study_name,
+                                              "trial_number": str(trial.number)}, "FINISHED")
+    if found:
+        trial.set_user_attr("run_id", found[0].info.run_id)
+        trial.set_user_attr("run_name", found[0].info.run_name)
     for key in RECORDED:
         if key in metrics:
             trial.set_user_attr(key, metrics[key])
