@@ -141,6 +141,8 @@ def collect(experiments: list[str], uri: str, results: Path,
             if row["file"] and not (staging / row["file"]).exists():
                 shutil.copyfile(results / row["file"], _mkdir(staging / "models") /
                                 Path(row["file"]).name)
+        for row in [*rows, *kept]:  # a committed model file that rows start from stays
+            _keep_model_file(row["config"]["model"], results, staging)
         # Every row is read: only now are the old files replaced by the current rows'.
         shutil.rmtree(results / "models", ignore_errors=True)
         if (staging / "models").exists():
@@ -164,6 +166,18 @@ def _read_config(client: mlflow.MlflowClient, run: mlflow.entities.Run, experime
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _keep_model_file(model: dict, results: Path, staging: Path) -> None:
+    """Stages the dense model file a model=file row loaded, when it lives in results/models/."""
+    if model["name"] != "file":
+        return
+    source = Path(model["path"])
+    source = source if source.is_absolute() else PROJECT_ROOT / source
+    if source.parent.resolve() == (results / "models").resolve() and source.exists():
+        target = _mkdir(staging / "models") / source.name
+        if not target.exists():
+            shutil.copyfile(source, target)
 
 
 def _attach_check(row: dict, client: mlflow.MlflowClient, staging: Path, results: Path,
