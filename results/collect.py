@@ -91,14 +91,14 @@ def unique_names(settings: list[dict[str, str]], base: list[str]) -> list[str]:
 
 
 def collect(experiments: list[str], uri: str, results: Path,
-            max_model_bytes: int, kept: list[dict] = ()) -> list[dict]:
+            max_model_bytes: int, kept_rows: list[dict] = ()) -> list[dict]:
     """Returns one row per distinct config of the experiments' finished runs, and replaces
     results/models/ with the files that re-evaluate them once every row has been read.
 
     Artifacts are read through MLflow's artifact API, so a tracking server with proxied
     artifacts and runs logged from other machines are read like a local store. Runs with
     identical result settings are merged: the newest is kept and the others are listed in
-    its row's ``merged_runs`` (and printed). kept: rows of other experiments, already in the
+    its row's ``merged_runs`` (and printed). kept_rows: rows of other experiments, already in the
     table, that stay with their files (their MLflow runs may live on another machine)."""
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -137,11 +137,11 @@ def collect(experiments: list[str], uri: str, results: Path,
         for row, name in zip(rows, names):
             row["name"] = name.split("/", 1)[1]
             _attach_check(row, client, staging, results, max_model_bytes)
-        for row in kept:
+        for row in kept_rows:
             if row["file"] and not (staging / row["file"]).exists():
                 shutil.copyfile(results / row["file"], _mkdir(staging / "models") /
                                 Path(row["file"]).name)
-        for row in [*rows, *kept]:  # a committed model file that rows start from stays
+        for row in [*rows, *kept_rows]:  # a committed model file that rows start from stays
             _keep_model_file(row["config"]["model"], results, staging)
         # Every row is read: only now are the old files replaced by the current rows'.
         shutil.rmtree(results / "models", ignore_errors=True)
@@ -149,7 +149,7 @@ def collect(experiments: list[str], uri: str, results: Path,
             shutil.copytree(staging / "models", results / "models")
     for row in rows:
         del row["baseline_key"]
-    return sorted([*rows, *kept], key=lambda r: (r["experiment"], r["name"]))
+    return sorted([*rows, *kept_rows], key=lambda r: (r["experiment"], r["name"]))
 
 
 def _read_config(client: mlflow.MlflowClient, run: mlflow.entities.Run, experiment: str,

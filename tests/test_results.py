@@ -175,7 +175,8 @@ def _mlflow_server(root: Path) -> Iterator[Callable[[float], str]]:
 
 
 # What differs between two stores holding the same experiments: where and when they ran.
-WHERE_AND_WHEN = ("run_id", "command", "train_seconds", "merged_runs")
+WHERE_AND_WHEN = ("run_id", "command", "train_seconds", "merged_runs", "start_time", "end_time",
+                  "tflite_latency_ms")
 
 
 def test_collect_reads_a_server_with_proxied_artifacts_like_the_local_store(make_cfg,
