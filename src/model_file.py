@@ -29,7 +29,7 @@ import h5py
 from tf_keras.protobuf import saved_metadata_pb2
 
 from src import data as data_module
-from src.baseline import Baseline
+from src.baseline import Baseline, baseline_key
 from src.config import ConfigError, ModelConfig, Settings
 from src.data import Dataset
 from src.keras_env import keras, tf
@@ -344,3 +344,13 @@ def refuse_model_dims(space: Mapping[str, str]) -> None:
             raise ConfigError(f"search.space.{name}.path: {path} would build another model, but "
                               "model=file loads a trained one; drop this dimension")
 
+
+
+def dense_source(settings: Settings) -> tuple[Baseline | None, Dataset, str]:
+    """Returns the loaded model file's baseline (None for a built-in model, trained or cached
+    later), the data (fitted to the file's input), and the dense baseline's key."""
+    if settings.model.name == "file":
+        own, dataset = baseline_from_file(settings)
+        return own, dataset, own.key
+    dataset = data_module.load(settings.data, settings.paths.cache_dir)
+    return None, dataset, baseline_key(dataset, settings.data, settings.model, settings.train)

@@ -52,13 +52,8 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     distill.check_teacher(settings.distill, settings.paths.cache_dir)
     keras.backend.clear_session()
     keras.utils.set_random_seed(settings.train.seed)
-    own = None  # model=file: the loaded model is the baseline, and the data fit its input
-    if settings.model.name == "file":
-        own, dataset = model_file.baseline_from_file(settings)
-    else:
-        dataset = data.load(settings.data, settings.paths.cache_dir)
-    key = own.key if own else baseline.baseline_key(dataset, settings.data, settings.model,
-                                                    settings.train)
+    # model=file: the loaded model is the baseline (own), and the data fit its input.
+    own, dataset, key = model_file.dense_source(settings)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("search", None)  # the search that chose these settings is logged by its worker
     resolved["tracking"]["uri"] = tracking.safe_url(resolved["tracking"]["uri"])

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from src import baseline, data, model_file, tracking
+from src import baseline, model_file, tracking
 from src.config import ConfigError, register_resolvers, settings_from
 from src.data import DataError
 from src.keras_env import keras
@@ -95,18 +95,13 @@ def sensitivity(cfg: DictConfig) -> tuple[str, SensitivityTable]:
     if not rates or sorted(set(rates)) != rates or not 0 < rates[0] <= rates[-1] < 1:
         raise ConfigError(f"sensitivity.rates: need increasing rates in (0, 1), got {rates}")
     method = settings.prune.method if settings.prune.method in METHODS else "magnitude"
-    own = None  # model=file: the loaded model is the baseline, and the data fit its input
-    if settings.model.name == "file":
-        own, dataset = model_file.baseline_from_file(settings)
-    else:
-        dataset = data.load(settings.data, settings.paths.cache_dir)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(settings.train.seed)
+    # model=file: the loaded model is the baseline (own), and the data fit its input.
+    own, dataset, key = model_file.dense_source(settings)
     if not len(dataset.x_val):
         raise ConfigError("data.val_fraction: sensitivity is measured on the validation split, "
                           "which is empty")
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(settings.train.seed)
-    key = own.key if own else baseline.baseline_key(dataset, settings.data, settings.model,
-                                                    settings.train)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["tracking"]["uri"] = tracking.safe_url(resolved["tracking"]["uri"])
     tags = {"role": "sensitivity", "baseline_key": key, "data_fingerprint": dataset.fingerprint,
