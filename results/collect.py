@@ -45,6 +45,11 @@ FRONTIER = [(64 * KB, 0.85), (256 * KB, 0.88)]
 # Channel pruning's target: int8 accuracy at no more than this many raw .tflite bytes, this many
 # times faster than the dense int8 model measured beside it.
 CHANNEL_TARGET = {"accuracy": 0.84, "raw_bytes": 64 * KB, "speedup": 1.5}
+# The experiments whose rows the channel section times side by side (their dense row included).
+CHANNEL_EXPERIMENTS = ("channel", "channel_long")
+# The experiment holding the small three-objective study on real data (search=device), and the
+# folder with its study summary and plots (python -m src.summary study device --out ...).
+DEVICE_EXPERIMENT, DEVICE_FOLDER = "device", "device"
 
 
 def row_name(config: dict) -> str:
@@ -237,7 +242,8 @@ Sizes are bytes / 1,000,000 (MB) or / 1,000 (KB), so the 64 KB limit is 64,000 b
 def render(rows: list[dict], args: str, results: Path = RESULTS) -> str:
     """Returns results/README.md (the channel rows' files are read from results)."""
     parts = [HEADER.format(args=args), reference_section(rows), oneshot_section(rows),
-             model_file_section(rows), channel_section(rows, results), frontier_section(rows),
+             model_file_section(rows), channel_section(rows, results), device_section(rows),
+             frontier_section(rows),
              table_section(rows), commands_section(rows)]
     return "\n".join(p for p in parts if p)
 
@@ -380,7 +386,7 @@ def model_file_section(rows: list[dict]) -> str:
 def channel_section(rows: list[dict], results: Path) -> str:
     """Returns the channel-pruning rows beside the dense and magnitude-pruned ones, their
     latencies measured now, side by side and interleaved, from the committed files."""
-    chosen = [r for r in rows if r["experiment"] == "channel" and r["check"] == "tflite"]
+    chosen = [r for r in rows if r["experiment"] in CHANNEL_EXPERIMENTS and r["check"] == "tflite"]
     dense = next((r for r in chosen if r["config"]["prune"]["method"] == "none"), None)
     if dense is None:
         return ""
@@ -418,6 +424,39 @@ def channel_section(rows: list[dict], results: Path) -> str:
     lines.append(f"\nTarget: at least {target['accuracy']:.0%} int8 accuracy with a raw .tflite "
                  f"of at most {target['raw_bytes']:,} bytes, {target['speedup']}x faster than "
                  f"the dense row; {verdict}.")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_rows(rows: list[dict], keys: dict[str, int]) -> list[dict]:
+    """Returns the rows no other row beats on every key (sign +1: higher is better)."""
+    def beats(a: dict, b: dict) -> bool:
+        pairs = [(sign * a[k], sign * b[k]) for k, sign in keys.items()]
+        return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
+    return [r for r in rows if not any(beats(other, r) for other in rows if other is not r)]
+
+
+def device_section(rows: list[dict]) -> str:
+    """Returns the three-objective study's front (accuracy, raw bytes, latency) from its rows."""
+    trials = [r for r in rows if r["experiment"] == DEVICE_EXPERIMENT
+              and r.get("tflite_latency_ms") is not None]
+    if not trials:
+        return ""
+    keys = {"tflite_accuracy": 1, "tflite_bytes": -1, "tflite_latency_ms": -1}
+    front = sorted(pareto_rows(trials, keys), key=lambda r: -r["tflite_accuracy"])
+    lines = ["## Search on what the device sees: a three-objective study\n",
+             f"The {len(trials)} finished trials of the `{DEVICE_EXPERIMENT}` study "
+             "(`conf/search/device.yaml`: TFLite accuracy up, raw `.tflite` bytes down, "
+             "latency down); its study summary and plots (accuracy against raw size and "
+             f"against latency, front marked) are in [`{DEVICE_FOLDER}/`]({DEVICE_FOLDER}/). "
+             "The front below is recomputed from the rows. Latency is each trial's own "
+             "measurement (LiteRT, batch 1, 1 thread, median of rounds), taken when the trial "
+             "ran, so rows measured minutes apart carry the machine's drift.\n",
+             "| row | TFLite acc | raw bytes | zipped bytes | latency ms | MACs |",
+             "|---|---|---|---|---|---|"]
+    for r in front:
+        lines.append(f"| {r['name']} | {r['tflite_accuracy']:.2%} | {r['tflite_bytes']:.0f} | "
+                     f"{r['tflite_zip_bytes']:.0f} | {r['tflite_latency_ms']:.4f} | "
+                     f"{r['macs'] or 0:.0f} |")
     return "\n".join(lines) + "\n"
 
 

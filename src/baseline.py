@@ -4,6 +4,8 @@ Entries live in ``<cache_dir>/baselines/<key>/`` and are keyed by what shapes th
 weights (see ``baseline_key``).  They are written under a temporary name and renamed,
 guarded by a file lock, and checked by sha256 before use.  While one trains, a resumable
 checkpoint lives next to it in ``<key>.ckpt/`` and is removed once the entry is stored.
+A fine-tuning after pruning is resumable the same way, from ``finetune/<key>.ckpt/``
+(``finetune_key``), removed once the run has its model.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from src.checkpoint import EpochCheckpoint
-from src.config import DataConfig, ModelConfig, TrainConfig
+from src.config import DataConfig, DistillConfig, ModelConfig, PruneConfig, TrainConfig
 from src.data import Dataset
 from src.keras_env import keras, tf
 from src.models import build
@@ -77,6 +79,21 @@ def _without(settings: dict, keys: Sequence[str]) -> dict:
 def checkpoint_dir(cache_dir: str | Path, key: str) -> Path:
     """Returns the folder holding the resumable checkpoint of the baseline being trained."""
     return Path(cache_dir) / "baselines" / f"{key}.ckpt"
+
+
+def finetune_key(base_key: str, prune_cfg: PruneConfig, train_cfg: TrainConfig,
+                 distill_cfg: DistillConfig) -> str:
+    """Returns the content address of a fine-tuning: the dense model it starts from (by its
+    baseline key) and the settings that shape the weights it trains."""
+    content = {"version": CACHE_VERSION, "recipe_version": RECIPE_VERSION, "baseline": base_key,
+               "prune": asdict(prune_cfg), "distill": asdict(distill_cfg),
+               "train": _without(asdict(train_cfg), RUNTIME_ONLY["train"])}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def finetune_checkpoint_dir(cache_dir: str | Path, key: str) -> Path:
+    """Returns the folder holding the resumable checkpoint of a fine-tuning (finetune_key)."""
+    return Path(cache_dir) / "finetune" / f"{key}.ckpt"
 
 
 def load_cached(key: str, cache_dir: str | Path) -> Baseline | None:

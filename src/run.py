@@ -32,6 +32,7 @@ from src import (
     tracking,
     units,
 )
+from src.checkpoint import EpochCheckpoint
 from src.config import ConfigError, Settings, TrackingConfig, register_resolvers, settings_from
 from src.data import DataError
 from src.keras_env import keras
@@ -92,9 +93,19 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         teacher = distill.teacher_for(settings.distill, base.model, base.test_accuracy,
                                       settings.paths.cache_dir, dataset.x_test, dataset.y_test,
                                       ) if settings.prune.finetune_epochs else None
+        checkpoint = finetune_checkpoint(settings, key)
         with clock("train"):  # masks or tfmot wrappers, and fine-tuning when configured
-            result = prune(base.model, settings.prune, dataset, settings.train, callbacks,
-                           distill=teacher)
+            try:
+                result = prune(base.model, settings.prune, dataset, settings.train, callbacks,
+                               distill=teacher, checkpoint=checkpoint)
+            except tracking.StoppedEarly:  # a stopped trial will not be resumed
+                if checkpoint:
+                    checkpoint.remove()
+                raise
+        if checkpoint:
+            if checkpoint.resumed_from_epoch:
+                tracking.set_tags({"finetune_resumed_from_epoch": checkpoint.resumed_from_epoch})
+            checkpoint.remove()  # the fine-tuned model is exported below
         tracking.log_history("finetune", result.history)
         # The schedule in steps, as tfmot ran it (frequency may be clamped to the steps there are).
         tracking.log_params({f"prune_steps.{k}": v for k, v in result.schedule_steps.items()})
@@ -114,6 +125,19 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         tracking.set_tags({"mlflow.note.content": report.headline(settings, metrics)})
     print("result: " + report.headline(settings, metrics, active.info.run_id), flush=True)
     return metrics
+
+
+def finetune_checkpoint(settings: Settings, base_key: str) -> EpochCheckpoint | None:
+    """Returns the resumable checkpoint of this run's fine-tuning, or None without one.
+
+    It is keyed by the dense model and the settings that shape the fine-tuned weights, so
+    the same command run again after an interruption resumes from the last saved epoch.
+    """
+    if settings.prune.method == "none" or not settings.prune.finetune_epochs:
+        return None
+    key = baseline.finetune_key(base_key, settings.prune, settings.train, settings.distill)
+    return EpochCheckpoint(baseline.finetune_checkpoint_dir(settings.paths.cache_dir, key),
+                           settings.train.checkpoint_every)
 
 
 def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dataset,

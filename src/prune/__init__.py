@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from src.checkpoint import EpochCheckpoint
 from src.config import PruneConfig, TrainConfig
 from src.data import Dataset
 from src.distill import Distillation
@@ -22,11 +23,13 @@ METHODS = {"flat": prune_magnitude, "layer": prune_magnitude, "tfmot": prune_tfm
 
 def prune(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg: TrainConfig,
           callbacks: Sequence[keras.callbacks.Callback] = (),
-          distill: Distillation | None = None) -> PruneResult:
+          distill: Distillation | None = None,
+          checkpoint: EpochCheckpoint | None = None) -> PruneResult:
     """Returns the model pruned as configured (fine-tuned if asked), wrappers stripped.
 
-    With distill, fine-tuning learns from the teacher's softened outputs too.
+    With distill, fine-tuning learns from the teacher's softened outputs too; with a
+    checkpoint, an interrupted fine-tuning resumes from its last saved epoch.
     """
     if cfg.method == "none":
         return PruneResult(model)
-    return METHODS[cfg.method](model, cfg, data, train_cfg, callbacks, distill)
+    return METHODS[cfg.method](model, cfg, data, train_cfg, callbacks, distill, checkpoint)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from src.checkpoint import EpochCheckpoint
 from src.config import ConfigError, PruneConfig, TrainConfig
 from src.data import Dataset
 from src.distill import Distillation
@@ -160,7 +161,8 @@ def remove_channels(model: keras.Model, cfg: PruneConfig) -> keras.Model:
 
 def prune_channel(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg: TrainConfig,
                   callbacks: Sequence[keras.callbacks.Callback] = (),
-                  distill: Distillation | None = None) -> PruneResult:
+                  distill: Distillation | None = None,
+                  checkpoint: EpochCheckpoint | None = None) -> PruneResult:
     """Returns the channel-pruned model, fine-tuned and magnitude-pruned as configured.
 
     With prune.magnitude_rate > 0, flat magnitude masks are applied right after the channels
@@ -171,13 +173,14 @@ def prune_channel(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg
     artifacts = {TABLE_NAME: channel_table(model, smaller)}
     if cfg.magnitude_rate > 0:
         flat = dataclasses.replace(cfg, method="flat", rate=cfg.magnitude_rate)
-        result = prune_magnitude(smaller, flat, data, train_cfg, callbacks, distill)
+        result = prune_magnitude(smaller, flat, data, train_cfg, callbacks, distill,
+                                 checkpoint)
         return dataclasses.replace(result, artifacts=artifacts)
     history = {}
     if cfg.finetune_epochs:
         history = fit(smaller, data.x_train, data.y_train, data.x_val, data.y_val,
                       data.num_classes, train_cfg, epochs=cfg.finetune_epochs,
                       lr=cfg.finetune_lr, warmup_epochs=0, callbacks=list(callbacks),
-                      distill=distill)
+                      distill=distill, checkpoint=checkpoint)
     return PruneResult(smaller, history, {}, artifacts)
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from src.checkpoint import EpochCheckpoint
 from src.config import ConfigError, PruneConfig, TrainConfig
 from src.data import Dataset
 from src.distill import Distillation
@@ -86,7 +87,8 @@ class HoldMasks(keras.callbacks.Callback):
 
 def prune_magnitude(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg: TrainConfig,
                     callbacks: Sequence[keras.callbacks.Callback] = (),
-                    distill: Distillation | None = None) -> PruneResult:
+                    distill: Distillation | None = None,
+                    checkpoint: EpochCheckpoint | None = None) -> PruneResult:
     """Returns the model with its smallest kernels zeroed (flat or layer), fine-tuned if asked."""
     named = prunable_kernels(model, cfg.layer_types)
     kernels = [var for _, var in named]
@@ -108,7 +110,8 @@ def prune_magnitude(model: keras.Model, cfg: PruneConfig, data: Dataset, train_c
     if cfg.finetune_epochs:
         history = fit(model, data.x_train, data.y_train, data.x_val, data.y_val, data.num_classes,
                       train_cfg, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, warmup_epochs=0,
-                      callbacks=[HoldMasks(kernels, masks), *callbacks], distill=distill)
+                      callbacks=[HoldMasks(kernels, masks), *callbacks], distill=distill,
+                      checkpoint=checkpoint)
     return PruneResult(model, history, {})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from src.checkpoint import EpochCheckpoint
 from src.config import ConfigError, PruneConfig, TrainConfig
 from src.data import Dataset
 from src.distill import Distillation
@@ -41,7 +42,8 @@ def tfmot_schedule_steps(cfg: PruneConfig, total_steps: int) -> dict:
 
 def prune_tfmot(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg: TrainConfig,
                  callbacks: Sequence[keras.callbacks.Callback],
-                 distill: Distillation | None = None) -> PruneResult:
+                 distill: Distillation | None = None,
+                 checkpoint: EpochCheckpoint | None = None) -> PruneResult:
     sparsity = tfmot.sparsity.keras
     total = cfg.finetune_epochs * math.ceil(len(data.x_train) / train_cfg.batch_size)
     steps = tfmot_schedule_steps(cfg, total)
@@ -58,5 +60,6 @@ def prune_tfmot(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg: 
     )
     history = fit(wrapped, data.x_train, data.y_train, data.x_val, data.y_val, data.num_classes,
                   train_cfg, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, warmup_epochs=0,
-                  callbacks=[sparsity.UpdatePruningStep(), *callbacks], distill=distill)
+                  callbacks=[sparsity.UpdatePruningStep(), *callbacks], distill=distill,
+                  checkpoint=checkpoint)
     return PruneResult(sparsity.strip_pruning(wrapped), history, steps)
