@@ -254,7 +254,7 @@ class PruneConfig:
         _check(self.finetune_epochs >= 0, "prune.finetune_epochs", "must be >= 0")
         _check(self.finetune_lr > 0, "prune.finetune_lr", "must be > 0")
         _check(not self.rates_from or self.method in ("layer", "channel"), "prune.rates_from",
-               f"per-layer rates need prune=layer, not {self.method!r}")
+               f"per-layer rates need prune=layer or channel, not {self.method!r}")
         if self.method == "tfmot":
             self._check_tfmot()
         if self.method == "channel":

@@ -8,7 +8,16 @@ import pytest
 from src.config import ConfigError, ModelConfig, PruneConfig, QuantConfig, settings_from
 from src.keras_env import keras
 from src.models import build
-from src.prune.channel import choose_channels, rebuild, remove_channels
+from src.prune.channel import (
+    choose_channels,
+    group_name,
+    group_scores,
+    keep_masks,
+    prunable_groups,
+    rebuild,
+    remove_channels,
+    zeroed_channels,
+)
 from src.prune.graph import build_graph
 from src.quantize import to_tflite
 from src.run import run
@@ -152,6 +161,26 @@ def test_rebuild_equals_the_original_with_removed_channels_zeroed(name):
     size = model.input.shape[1]
     x = np.random.default_rng(2).uniform(0, 255, (4, size, size, 3)).astype(np.float32)
     np.testing.assert_allclose(smaller(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "concat_flatten"])
+def test_zeroing_one_group_computes_what_its_rebuild_computes_and_is_undone(name):
+    # The sensitivity command prunes one group at a time this way, without rebuilding.
+    model = concat_flatten_model() if name == "concat_flatten" else build(TINY_MODELS[name], 10)
+    randomise_batchnorms(model)
+    graph = build_graph(model)
+    size = model.input.shape[1]
+    x = np.random.default_rng(2).uniform(0, 255, (4, size, size, 3)).astype(np.float32)
+    dense = model(x).numpy()
+    for group in prunable_groups(graph):
+        score = group_scores(model, graph, group, "l1", True)
+        keep = keep_masks({group.root: score}, 0.5, "layer", 1)
+        smaller = rebuild(model, graph, keep)
+        with zeroed_channels(model, graph, keep) as zeroed:
+            np.testing.assert_allclose(zeroed(x).numpy(), smaller(x).numpy(), rtol=1e-4,
+                                       atol=1e-6, err_msg=group_name(group))
+            assert not np.allclose(zeroed(x).numpy(), dense)
+        np.testing.assert_array_equal(model(x).numpy(), dense)
 
 
 def removed_weights(before: keras.Model, after: keras.Model) -> int:

@@ -1,17 +1,19 @@
 """Channel pruning: remove whole output channels and rebuild a physically smaller dense model.
 
 The groups of layers whose channels change together come from src.prune.graph. Each group is
-scored per channel, the lowest channels are removed (one threshold over all groups, or the same
-fraction in each), and the functional model is rebuilt from its config with the new widths,
-the surviving weights copied over. Unlike magnitude sparsity, this shrinks the raw .tflite
-file and the multiply-accumulates, so it runs faster on any interpreter.
+scored per channel, the lowest channels are removed (one threshold over all groups, the same
+fraction in each, or each group's share from a channel sensitivity run: prune.rates_from), and
+the functional model is rebuilt from its config with the new widths, the surviving weights
+copied over. Unlike magnitude sparsity, this shrinks the raw .tflite file and the
+multiply-accumulates, so it runs faster on any interpreter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -19,7 +21,8 @@ from src.checkpoint import EpochCheckpoint
 from src.config import ConfigError, PruneConfig, TrainConfig
 from src.data import Dataset
 from src.distill import Distillation
-from src.keras_env import keras
+from src.keras_env import keras, tf
+from src.prune import allocate
 from src.prune.common import PruneResult
 from src.prune.graph import ChannelGraph, ChannelGroup, build_graph
 from src.prune.magnitude import prune_magnitude
@@ -94,15 +97,115 @@ def _drop(size: int, channels: Sequence[int]) -> np.ndarray:
     return keep
 
 
-def choose_channels(model: keras.Model, graph: ChannelGraph, cfg: PruneConfig,
-                    ) -> dict[int, np.ndarray]:
-    """Returns keep masks for every prunable group of the model, as cfg asks."""
+def group_name(group: ChannelGroup) -> str:
+    """Returns a group's name: its producer layers joined by '+', in model order."""
+    return "+".join(group.producers)
+
+
+def prunable_groups(graph: ChannelGraph) -> list[ChannelGroup]:
+    """Returns the groups channel pruning may cut (not pinned, with a producer), in model
+    order, or raises ConfigError when there are none."""
     groups = [g for g in graph.groups().values() if not g.pinned and g.producers]
     if not groups:
         raise ConfigError("prune.method: the model has no channels that channel pruning may "
                           "remove (only the input and output channels)")
+    return groups
+
+
+def choose_channels(model: keras.Model, graph: ChannelGraph, cfg: PruneConfig,
+                    ) -> dict[int, np.ndarray]:
+    """Returns keep masks for every prunable group of the model, as cfg asks."""
+    groups = prunable_groups(graph)
     scores = {g.root: group_scores(model, graph, g, cfg.criterion, cfg.bn_scale) for g in groups}
+    if cfg.rates_from:
+        return _keep_from_sensitivity(groups, scores, cfg)
     return keep_masks(scores, cfg.rate, cfg.scope, cfg.min_channels)
+
+
+def _keep_from_sensitivity(groups: list[ChannelGroup], scores: dict[int, np.ndarray],
+                           cfg: PruneConfig) -> dict[int, np.ndarray]:
+    """Returns keep masks removing round(cfg.rate * all channels), each group's share derived
+    from the channel sensitivity table of the MLflow run cfg.rates_from."""
+    table = allocate.read_table(cfg.rates_from, "channel")
+    sizes = np.array([g.size for g in groups])
+    removable = np.array([g.size - min(cfg.min_channels, g.size) for g in groups])
+    n_remove = round(cfg.rate * sizes.sum())
+    if n_remove > removable.sum():
+        raise ConfigError(f"prune.min_channels: keeping {cfg.min_channels} channels per group "
+                          f"leaves {removable.sum()} of {sizes.sum()} removable, fewer than "
+                          f"prune.rate {cfg.rate}")
+    rates = allocate.allocate(table, [group_name(g) for g in groups], sizes.tolist(), cfg.rate,
+                              caps=(removable / sizes).tolist())
+    counts = _apportion(np.array(rates) * sizes, n_remove, removable)
+    return {g.root: _drop(g.size, np.argsort(scores[g.root], kind="stable")[:count])
+            for g, count in zip(groups, counts)}
+
+
+def _apportion(shares: np.ndarray, total: int, limits: np.ndarray) -> np.ndarray:
+    """Returns whole counts, each at most its limit, summing to total, close to the shares
+    (largest remainders first), so the overall rate is exact rather than off by rounding."""
+    counts = np.minimum(np.floor(shares + 1e-9).astype(int), limits)
+    order = np.argsort(-(shares - counts), kind="stable")
+    step = 0
+    while counts.sum() < total:  # ends: the caller checked total <= limits.sum()
+        group = order[step % len(order)]
+        if counts[group] < limits[group]:
+            counts[group] += 1
+        step += 1
+    return counts
+
+
+def _output_variables(layer: keras.layers.Layer) -> list[tuple[tf.Variable, int]]:
+    """Returns (variable, channel axis) of each weight of a layer indexed by its output
+    channels."""
+    kind = type(layer).__name__
+    if kind == "BatchNormalization":  # gamma and beta zero the output; the mean, with no gamma
+        found = [(layer.gamma, 0), (layer.beta, 0), (layer.moving_mean, 0)]
+    elif kind == "DepthwiseConv2D":
+        found = [(layer.depthwise_kernel, 2), (layer.bias, 0)]
+    else:
+        found = [(layer.kernel, -1), (layer.bias, 0)]
+    return [(variable, axis) for variable, axis in found if variable is not None]
+
+
+@contextlib.contextmanager
+def zeroed_channels(model: keras.Model, graph: ChannelGraph,
+                    keep: dict[int, np.ndarray]) -> Iterator[keras.Model]:
+    """Yields the model computing what rebuild(model, graph, keep) computes, then restores it.
+
+    Instead of rebuilding (slow), the removed channels' outputs are zeroed in every layer
+    that makes or scales them (filters and bias, depthwise kernel, BatchNorm gamma and beta):
+    consumers then read zeros from them, as if their input rows were gone. Exact for
+    activations that map 0 to 0 (the ReLU family), as in every model here.
+    """
+    saved = []
+    for layer in model.layers:
+        if graph.kinds.get(layer.name) not in ("Conv2D", "Dense", "DepthwiseConv2D",
+                                               "BatchNormalization"):
+            continue
+        gone = ~graph.mask(graph.outputs[layer.name], keep)
+        if not gone.any():
+            continue
+        for variable, axis in _output_variables(layer):
+            value = variable.numpy()
+            saved.append((variable, value))
+            index = [slice(None)] * value.ndim
+            index[axis] = gone
+            zeroed = value.copy()
+            zeroed[tuple(index)] = 0
+            variable.assign(zeroed)
+    try:
+        yield model
+    finally:
+        for variable, value in saved:
+            variable.assign(value)
+
+
+def as_functional(model: keras.Model) -> keras.Model:
+    """Returns a functional model over the same layers (a Sequential one wrapped as a graph)."""
+    if isinstance(model, keras.Sequential):
+        return keras.Model(model.inputs, model.outputs)
+    return model
 
 
 def rebuild(model: keras.Model, graph: ChannelGraph, keep: dict[int, np.ndarray]) -> keras.Model:
@@ -153,8 +256,7 @@ def channel_table(before: keras.Model, after: keras.Model) -> str:
 
 def remove_channels(model: keras.Model, cfg: PruneConfig) -> keras.Model:
     """Returns the physically smaller model with cfg.rate of its prunable channels removed."""
-    if isinstance(model, keras.Sequential):
-        model = keras.Model(model.inputs, model.outputs)  # the same layers, as a graph
+    model = as_functional(model)
     graph = build_graph(model)
     return rebuild(model, graph, choose_channels(model, graph, cfg))
 

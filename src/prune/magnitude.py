@@ -98,7 +98,7 @@ def prune_magnitude(model: keras.Model, cfg: PruneConfig, data: Dataset, train_c
     if cfg.method == "flat":
         masks = flat_masks(weights, cfg.rate, cfg.min_density)
     elif cfg.rates_from:  # per-layer rates from a sensitivity run, for cfg.rate overall
-        table = allocate.read_table(cfg.rates_from)
+        table = allocate.read_table(cfg.rates_from, "magnitude")
         rates = allocate.allocate(table, [name for name, _ in named],
                                   [w.size for w in weights], cfg.rate)
         masks = layer_masks(weights, rates)

@@ -24,6 +24,7 @@ def sample_overrides(trial: optuna.Trial, space: dict[str, DimensionConfig]) -> 
         else:
             value = trial.suggest_float(name, dim.low, dim.high, log=dim.log, step=dim.step)
         chosen[name] = value
+        text = "null" if value is None else value  # Hydra reads None as the string "None"
         is_group = "." not in dim.path
-        overrides.append(f"{dim.path}={value}" if is_group else f"++{dim.path}={value}")
+        overrides.append(f"{dim.path}={text}" if is_group else f"++{dim.path}={text}")
     return overrides
