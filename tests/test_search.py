@@ -19,10 +19,11 @@ from tests.conftest import TINY, assert_png, compose_config, runs_of
 TrialState = optuna.trial.TrialState
 
 
-def search_cfg(tmp_path, *overrides):
-    """Returns (config, composer) for a tiny search stored under tmp_path."""
+def search_cfg(tmp_path, *overrides, isolated=False):
+    """Returns (config, composer) for a tiny search stored under tmp_path; its trials run in
+    this process unless isolated (each in its own process pays TensorFlow's import)."""
     base = [f"paths.root={tmp_path}", *TINY["data"], *TINY["model"], *TINY["train"],
-            "train.epochs=2", "search.n_trials=4", *overrides]
+            "train.epochs=2", "search.n_trials=4", f"search.trial_process={isolated}", *overrides]
 
     def composer(extra):
         return compose_config(base + extra)
@@ -215,11 +216,13 @@ def test_early_stopping_refuses_an_objective_it_cannot_estimate(tmp_path):
 
 
 def test_a_three_objective_study_on_what_the_device_sees(tmp_path):
+    # Trials in their own processes (the default): values, metrics and nesting come back.
     cfg, composer = search_cfg(
         tmp_path, "search=device", "~search.space",
         "+search.space={method: {path: prune, choices: [channel, flat]}, "
         "rate: {path: prune.rate, low: 0.2, high: 0.6}, quant: {path: quant, choices: [int8]}}",
-        "prune.min_channels=1", "measure.latency_runs=5", "measure.latency_repeats=2")
+        "prune.min_channels=1", "measure.latency_runs=5", "measure.latency_repeats=2",
+        isolated=True)
     study = run_search(cfg, composer)
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
     front = study.best_trials
@@ -232,5 +235,10 @@ def test_a_three_objective_study_on_what_the_device_sees(tmp_path):
                                 metrics["tflite_latency_ms"]]
     parent = max((r for r in runs_of(cfg) if r.data.tags.get("role") == "search_worker"),
                  key=lambda r: r.info.start_time)
+    for tracked in trial_runs(cfg):
+        assert tracked.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tracked.info.run_name.startswith(f"device#{tracked.data.tags['trial_number']} ")
+    assert {t.user_attrs["run_id"] for t in study.trials} == {r.info.run_id
+                                                              for r in trial_runs(cfg)}
     artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"accuracy_vs_raw_size.png", "accuracy_vs_latency.png"} <= artifacts
