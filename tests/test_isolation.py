@@ -7,43 +7,56 @@ import subprocess
 import sys
 
 import optuna
+import pytest
 
 from src.config import PROJECT_ROOT
 from src.search.settings import search_settings_from
+from src.search.study import make_study
 from src.search.trial_process import CRASH_ENV, isolated
-from tests.conftest import compose_config, runs_of, wait_until
-from tests.test_workers import SEARCH, alive, finish, start
+from tests.conftest import TINY, compose_config, runs_of, wait_until
+from tests.test_workers import alive, finish, start
 
 TrialState = optuna.trial.TrialState
 SIGSEGV_REASON = "trial process killed by signal SIGSEGV"
 
 
 def test_a_trial_killed_by_a_signal_fails_alone_and_the_search_goes_on(tmp_path):
+    # Trial 0's process kills itself with SIGSEGV while fine-tuning, as TensorFlow did; then an
+    # int8 trial completes, and a float32 one (four times the bytes per weight, far below the
+    # median accuracy per MB) is stopped early from its own process by the median rule.
     overrides = [
-        f"paths.root={tmp_path}", *SEARCH, "search.n_trials=2", "search.study_name=crash",
-        "prune.finetune_epochs=1",
-        "+search.space={rate: {path: prune.rate, low: 0.3, high: 0.6}, "
-        "method: {path: prune, choices: [flat]}}",
+        f"paths.root={tmp_path}", *TINY["data"], *TINY["model"], *TINY["train"],
+        "search=accuracy_per_mb", "search.accuracy_floor=null", "search.n_trials=3",
+        "search.study_name=crash", "search.early_stop.startup_trials=1", "~search.space",
+        "+search.space={method: {path: prune, choices: [flat]}, "
+        "rate: {path: prune.rate, low: 0.4, high: 0.4}, "
+        "finetune_epochs: {path: prune.finetune_epochs, low: 2, high: 2, type: int}, "
+        "quant: {path: quant, choices: [int8, none]}}",
     ]
-    # Trial 0's process kills itself with SIGSEGV while fine-tuning, as TensorFlow did.
+    cfg = compose_config(overrides)
+    study = make_study(search_settings_from(cfg))
+    for quant in ("int8", "int8", "none"):
+        study.enqueue_trial({"method": "flat", "rate": 0.4, "finetune_epochs": 2, "quant": quant})
     output = finish(start("src.search", *overrides, env={CRASH_ENV: "0"}))
-    study = optuna.load_study(study_name="crash", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
-    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert study.trials[0].user_attrs["failure_reason"] == SIGSEGV_REASON
-    assert study.trials[1].intermediate_values  # its process reported epochs to the trial
-    tracked = runs_of(compose_config(overrides))
-    runs = {r.data.tags.get("trial_number", "worker"): r for r in tracked}
-    assert sorted(runs) == ["0", "1", "worker"]
-    assert runs["0"].info.status == "FAILED"
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED]
+    assert trials[0].user_attrs["failure_reason"] == SIGSEGV_REASON
+    assert list(trials[2].intermediate_values) == [1]  # reported from its process, then stopped
+    runs = {r.data.tags.get("trial_number", "worker"): r for r in runs_of(cfg)}
+    assert sorted(runs) == ["0", "1", "2", "worker"]
+    assert [runs[n].info.status for n in ("0", "1", "2", "worker")] == \
+        ["FAILED", "FINISHED", "KILLED", "FINISHED"]
     assert runs["0"].data.tags["failure_reason"] == SIGSEGV_REASON
-    assert runs["1"].info.status == runs["worker"].info.status == "FINISHED"
-    assert study.trials[1].user_attrs["run_id"] == runs["1"].info.run_id
-    for number in ("0", "1"):  # nested under the worker's run, named for the study
+    assert runs["2"].data.tags["stopped_early"].startswith("stopped after epoch 1")
+    assert trials[1].user_attrs["run_id"] == runs["1"].info.run_id
+    assert trials[1].value == pytest.approx(runs["1"].data.metrics["accuracy_per_mb"])
+    for number in ("0", "1", "2"):  # nested under the worker's run, named for the study
         assert runs[number].data.tags["mlflow.parentRunId"] == runs["worker"].info.run_id
         assert runs[number].info.run_name.startswith(f"crash#{number} ")
-    (line,) = [x for x in output.splitlines() if x.startswith("trial 1/2 (#0) FAIL")]
+    (line,) = [x for x in output.splitlines() if x.startswith("trial 1/3 (#0) FAIL")]
     assert line.endswith(f"({SIGSEGV_REASON})")
-    assert [x for x in output.splitlines() if x.startswith("trial 2/2 (#1) COMPLETE")]
+    assert [x for x in output.splitlines() if x.startswith("trial 2/3 (#1) COMPLETE")]
+    assert "summary: python -m src.summary study crash" in output
 
 
 def test_a_trial_process_dies_with_its_worker():

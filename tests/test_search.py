@@ -23,7 +23,8 @@ def search_cfg(tmp_path, *overrides, isolated=False):
     """Returns (config, composer) for a tiny search stored under tmp_path; its trials run in
     this process unless isolated (each in its own process pays TensorFlow's import)."""
     base = [f"paths.root={tmp_path}", *TINY["data"], *TINY["model"], *TINY["train"],
-            "train.epochs=2", "search.n_trials=4", f"search.trial_process={isolated}", *overrides]
+            "train.epochs=2", "search.n_trials=4",
+            f"search.trial_process={str(isolated).lower()}", *overrides]
 
     def composer(extra):
         return compose_config(base + extra)

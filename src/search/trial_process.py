@@ -17,6 +17,7 @@ leaves (``orphans``). An in-memory study cannot be shared with a child: it runs 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -97,8 +98,13 @@ def run_in_child(job: TrialJob, tracking_cfg: TrackingConfig) -> dict[str, float
 
 
 def _death(returncode: int) -> str:
+    """Returns the failure reason of a child that left no result."""
     if returncode < 0:
-        return f"trial process killed by signal {signal.Signals(-returncode).name}"
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:  # a real-time signal has no name
+            name = str(-returncode)
+        return f"trial process killed by signal {name}"
     return f"trial process exited with code {returncode} without a result"
 
 
@@ -130,6 +136,7 @@ def child_main(spec_path: str) -> None:
     """Runs one trial from its spec file and writes its outcome; exits 130/143 when stopped."""
     spec = json.loads(Path(spec_path).read_text())
     interrupt.die_with_parent(spec["parent_pid"])
+    faulthandler.enable()  # a native crash prints the Python stack it happened in
     interrupt.raise_once_on_stop()  # the terminal's Ctrl-C and the worker's may both come
     try:
         outcome: dict[str, Any] = {"metrics": _train(spec)}
