@@ -1,8 +1,9 @@
 """Each trial in a process of its own (``search.trial_process: true``, the default).
 
-TensorFlow and LiteRT fail natively now and then (a SIGSEGV, glibc's "double free or
-corruption") after many models in one process; in the worker's process that killed the
-whole study. Here the worker composes and checks a trial's config, writes it to a spec file
+TensorFlow can fail natively (seen: glibc's "double free or corruption" and SIGSEGV from
+heap corruption in its oneDNN convolution gradient, fine-tuning some channel-pruned
+ResNet-8s); in the worker's process that killed the whole study. Here the worker composes
+and checks a trial's config, writes it to a spec file
 and runs ``python -m src.search.trial_process SPEC``, which trains with fresh TensorFlow and
 LiteRT state and memory, nests its MLflow run under the worker's, reports per-epoch
 estimates to the same Optuna trial through the study's storage, and writes its metrics (or
