@@ -131,11 +131,13 @@ def record_failure(cfg: TrackingConfig, tags: Mapping[str, str], reason: str,
     mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
 
 
-def close_run(run_id: str, reason: str) -> None:
-    """Ends a run left RUNNING by a dead process as KILLED, saying why."""
+def close_run(run_id: str, reason: str, status: str = "KILLED") -> None:
+    """Ends a run left RUNNING by a dead process as KILLED (or FAILED, with the reason as its
+    failure_reason: a trial process that crashed), saying why."""
     client = mlflow.MlflowClient()
-    client.set_tag(run_id, "closed_because", reason)
-    client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+    client.set_tag(run_id, "closed_because" if status == "KILLED" else "failure_reason",
+                   reason[:5000])
+    client.set_terminated(run_id, status)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

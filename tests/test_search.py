@@ -19,10 +19,12 @@ from tests.conftest import TINY, assert_png, compose_config, runs_of
 TrialState = optuna.trial.TrialState
 
 
-def search_cfg(tmp_path, *overrides):
-    """Returns (config, composer) for a tiny search stored under tmp_path."""
+def search_cfg(tmp_path, *overrides, isolated=False):
+    """Returns (config, composer) for a tiny search stored under tmp_path; its trials run in
+    this process unless isolated (each in its own process pays TensorFlow's import)."""
     base = [f"paths.root={tmp_path}", *TINY["data"], *TINY["model"], *TINY["train"],
-            "train.epochs=2", "search.n_trials=4", *overrides]
+            "train.epochs=2", "search.n_trials=4",
+            f"search.trial_process={str(isolated).lower()}", *overrides]
 
     def composer(extra):
         return compose_config(base + extra)
@@ -78,20 +80,22 @@ def test_early_stopping_study_records_trials_and_nested_runs(tmp_path):
 
 def test_pareto_study_and_resume_by_name(tmp_path, capsys):
     # A quote in the study name must survive MLflow's tag filters (orphan clean-up, records).
-    cfg, composer = search_cfg(
-        tmp_path, "search=pareto", "search.n_trials=2", 'search.study_name="it\'s"',
-        "~search.space", "+search.space={rate: {path: prune.rate, low: 0.2, high: 0.9}, "
-        "method: {path: prune, choices: [flat, layer]}, quant: {path: quant, choices: [int8]}}")
+    settings = [
+        "search=pareto", 'search.study_name="it\'s"', "measure.latency_runs=5",
+        "measure.latency_repeats=2", "~search.space",
+        "+search.space={rate: {path: prune.rate, low: 0.2, high: 0.9}, "
+        "method: {path: prune, choices: [flat, layer]}, quant: {path: quant, choices: [int8]}}"]
+    cfg, composer = search_cfg(tmp_path, *settings, "search.n_trials=2")
     first = run_search(cfg, composer)
     assert len(first.trials) == 2 and len(first.best_trials) >= 1
     for trial in first.best_trials:
         assert 0 <= trial.values[0] <= 1 and trial.values[1] > 0
-    again = run_search(cfg, composer)
-    assert len(again.trials) == 4 and again.study_name == first.study_name == "it's"
+    again = run_search(*search_cfg(tmp_path, *settings, "search.n_trials=1"))  # resumes
+    assert len(again.trials) == 3 and again.study_name == first.study_name == "it's"
     assert all(t.state == TrialState.COMPLETE for t in again.trials)
     output = capsys.readouterr().out
-    for count, number in [(1, 0), (2, 1), (1, 2), (2, 3)]:
-        (line,) = [x for x in output.splitlines() if x.startswith(f"trial {count}/2 (#{number}) ")]
+    for line_start in ["trial 1/2 (#0) ", "trial 2/2 (#1) ", "trial 1/1 (#2) "]:
+        (line,) = [x for x in output.splitlines() if x.startswith(line_start)]
         assert "COMPLETE tflite_accuracy=0." in line and " KB " in line and "method=" in line
     summary = [x for x in output.splitlines() if x.startswith("summary: ")][-1]  # 2nd worker
     assert shlex.split(summary)[1:6] == ["python", "-m", "src.summary", "study", "it's"]
@@ -114,7 +118,7 @@ def test_pareto_study_and_resume_by_name(tmp_path, capsys):
         assert tracked.data.params["objective"] == "tflite_accuracy,tflite_zip_bytes"
         assert tracked.data.tags["search.objectives"] == "tflite_accuracy,tflite_zip_bytes"
     text, files = report("study", "it's", [f"paths.root={tmp_path}", "search=pareto"])
-    assert "4 trials: 4 complete, 0 early-stopped, 0 failed" in text
+    assert "3 trials: 3 complete, 0 early-stopped, 0 failed" in text
     assert "Pareto front" in text
     assert {f.name for f in files} >= {"pareto_front.png", "optimization_history.png"}
     for plot in files:
@@ -215,11 +219,13 @@ def test_early_stopping_refuses_an_objective_it_cannot_estimate(tmp_path):
 
 
 def test_a_three_objective_study_on_what_the_device_sees(tmp_path):
+    # Trials in their own processes (the default): values, metrics and nesting come back.
     cfg, composer = search_cfg(
         tmp_path, "search=device", "~search.space",
         "+search.space={method: {path: prune, choices: [channel, flat]}, "
         "rate: {path: prune.rate, low: 0.2, high: 0.6}, quant: {path: quant, choices: [int8]}}",
-        "prune.min_channels=1", "measure.latency_runs=5", "measure.latency_repeats=2")
+        "prune.min_channels=1", "measure.latency_runs=5", "measure.latency_repeats=2",
+        isolated=True)
     study = run_search(cfg, composer)
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
     front = study.best_trials
@@ -232,5 +238,10 @@ def test_a_three_objective_study_on_what_the_device_sees(tmp_path):
                                 metrics["tflite_latency_ms"]]
     parent = max((r for r in runs_of(cfg) if r.data.tags.get("role") == "search_worker"),
                  key=lambda r: r.info.start_time)
+    for tracked in trial_runs(cfg):
+        assert tracked.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tracked.info.run_name.startswith(f"device#{tracked.data.tags['trial_number']} ")
+    assert {t.user_attrs["run_id"] for t in study.trials} == {r.info.run_id
+                                                              for r in trial_runs(cfg)}
     artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"accuracy_vs_raw_size.png", "accuracy_vs_latency.png"} <= artifacts

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -18,7 +19,7 @@ from src.config import PROJECT_ROOT, ConfigError, settings_from
 from src.search.settings import search_settings_from
 from src.search.study import make_study
 from tests import postgres
-from tests.conftest import TINY, compose_config, runs_of
+from tests.conftest import TINY, compose_config, runs_of, wait_until
 
 TrialState = optuna.trial.TrialState
 REQUIRE_POSTGRES = os.environ.get("PRUNESWEEP_REQUIRE_POSTGRES") == "1"
@@ -26,10 +27,32 @@ SEARCH = [*TINY["data"], *TINY["model"], *TINY["train"], "search=accuracy_per_mb
           "search.accuracy_floor=null", "search.early_stop.rule=none", "~search.space"]
 
 
-def start(module: str, *overrides: str) -> subprocess.Popen:
+def start(module: str, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", module, *overrides], cwd=PROJECT_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def trial_processes(worker_pid: int) -> list[int]:
+    """Returns the pids of the worker's trial processes (from /proc, Linux)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, or gone meanwhile
+        if ppid == worker_pid and b"src.search.trial_process" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Returns whether the process exists and is not a zombie waiting to be reaped."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def finish(process: subprocess.Popen, timeout: float = 900) -> str:
@@ -44,7 +67,8 @@ def test_two_workers_share_one_postgresql_study(tmp_path):
     with postgres.server() as url:
         overrides = [
             f"paths.root={tmp_path}", *SEARCH, f"search.storage={url}/optuna",
-            f"tracking.uri={url}/mlflow", "search.n_trials=3", "search.study_name=shared",
+            f"tracking.uri={url}/mlflow", "search.n_trials=2", "search.study_name=shared",
+            "search.trial_process=false",  # sharing is the point here; test_isolation has those
             "+search.space={rate: {path: prune.rate, low: 0.2, high: 0.8}, "
             "method: {path: prune, choices: [flat, layer]}}",
         ]
@@ -56,7 +80,7 @@ def test_two_workers_share_one_postgresql_study(tmp_path):
             finish(worker)
         study = optuna.load_study(study_name="shared", storage=f"{url}/optuna")
         numbers = sorted(t.number for t in study.trials)
-        assert numbers == list(range(6))
+        assert numbers == list(range(4))
         assert all(t.state == TrialState.COMPLETE for t in study.trials)
         runs = runs_of(cfg)
         parents = [r for r in runs if r.data.tags.get("role") == "search_worker"]
@@ -65,7 +89,7 @@ def test_two_workers_share_one_postgresql_study(tmp_path):
         for parent in parents:  # both workers contributed
             children = [r for r in trials
                         if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
-            assert len(children) == 3
+            assert len(children) == 2
         assert sorted(int(r.data.tags["trial_number"]) for r in trials) == numbers
         for run in trials:  # each trial run names the single run that repeats it
             command = shlex.split(run.data.tags["command"])
@@ -91,28 +115,31 @@ def read_until(process: subprocess.Popen, prefix: str, timeout: float) -> list[s
 
 
 def test_killed_worker_trial_is_retried_at_once_and_its_runs_closed(tmp_path):
-    # A 4-trial search killed mid-trial and started again at once: the heartbeat (30 s) is
-    # not stale yet, but the dead worker's process is gone from this host.
-    overrides = [
-        f"paths.root={tmp_path}", *SEARCH, "train.verbose=2", "search.n_trials=4",
-        "search.study_name=faults",
+    # A search killed mid-trial and started again at once: the heartbeat (30 s) is not stale
+    # yet, but the dead worker's process is gone from this host. Its trial's process (trials
+    # run in their own, the default) dies with it.
+    common = [
+        f"paths.root={tmp_path}", *SEARCH, "train.verbose=2", "search.study_name=faults",
         "+search.space={rate: {path: prune.rate, low: 0.3, high: 0.3}, "
         "method: {path: prune, choices: [flat]}, "
-        "finetune_epochs: {path: prune.finetune_epochs, choices: [1, 20]}}",
+        "finetune_epochs: {path: prune.finetune_epochs, choices: [1, 8]}}",
     ]
-    cfg = compose_config(overrides)
+    cfg = compose_config(common)
     study = make_study(search_settings_from(cfg))
-    for epochs in (1, 20, 1, 1):
+    for epochs in (1, 8):
         study.enqueue_trial({"rate": 0.3, "method": "flat", "finetune_epochs": epochs})
-    worker = start("src.search", *overrides)
-    read_until(worker, "Epoch 3/20", timeout=900)  # trial 1 is fine-tuning
+    worker = start("src.search", *common, "search.n_trials=2")
+    read_until(worker, "Epoch 3/8", timeout=900)  # trial 1 is fine-tuning (and then exports)
+    (child,) = trial_processes(worker.pid)
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=30)
+    wait_until(lambda: not alive(child), 30, "the trial process to die with its worker")
     first_value = study.trials[0].value
     assert [t.state for t in study.trials[:2]] == [TrialState.COMPLETE, TrialState.RUNNING]
     assert [r.info.status for r in runs_of(cfg)].count("RUNNING") == 2  # trial 1 and parent
 
-    output = finish(start("src.search", *overrides))
+    # One trial: the killed one's retry, queued by this worker at its start.
+    output = finish(start("src.search", *common, "search.n_trials=1"))
     trials = study.get_trials(deepcopy=False)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert trials[0].state == TrialState.COMPLETE and trials[0].value == first_value
@@ -128,7 +155,7 @@ def test_killed_worker_trial_is_retried_at_once_and_its_runs_closed(tmp_path):
     assert {r.data.tags.get("trial_number", "parent") for r in killed} == {"1", "parent"}
     assert all(r.data.tags["closed_because"] == "its search worker died" for r in killed)
     # One line per trial (Optuna's own INFO line silenced), then the closing block.
-    assert len([line for line in output.splitlines() if line.startswith("trial 1/4 ")]) == 1
+    assert len([line for line in output.splitlines() if line.startswith("trial 1/1 ")]) == 1
     assert "finished with value" not in output
     assert "summary: python -m src.summary study faults" in output
 

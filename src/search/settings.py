@@ -82,6 +82,7 @@ class SearchConfig:
     max_failure_rate: float = 0.5
     failure_rate_min_trials: int = 4
     connect_timeout: int = 10
+    trial_process: bool = True  # each trial in a child process: a native crash fails it alone
 
     def __post_init__(self) -> None:
         _check(bool(self.study_name), "search.study_name", "must not be empty")

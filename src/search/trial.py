@@ -1,4 +1,5 @@
-"""One trial: sample a point, run it as a tracked experiment nested under the worker's run."""
+"""One trial: sample a point, run it as a tracked experiment nested under the worker's run,
+in a process of its own (``search.trial_process``, see ``trial_process``) or in the worker's."""
 
 from __future__ import annotations
 
@@ -6,13 +7,12 @@ import shlex
 from collections.abc import Callable, Sequence
 
 import optuna
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src import tracking
-from src.config import TrackingConfig
-from src.keras_env import keras
-from src.run import run
-from src.search.objectives import BYTES_PER_WEIGHT, OBJECTIVES, epoch_estimate, final_sparsity_of
+from src.config import TrackingConfig, settings_from
+from src.search import trial_process
+from src.search.objectives import OBJECTIVES
 from src.search.orphans import mark_worker
 from src.search.sampling import sample_overrides
 from src.search.settings import SearchConfig
@@ -24,8 +24,12 @@ RECORDED = ("tflite_accuracy", "test_accuracy", "tflite_bytes", "tflite_zip_byte
 
 
 def run_trial(trial: optuna.Trial, search: SearchConfig, compose: Composer,
-              tracking_cfg: TrackingConfig, replay: Sequence[str]) -> list[float]:
-    """Returns the trial's objective values, after running its sampled settings as one run."""
+              tracking_cfg: TrackingConfig, replay: Sequence[str],
+              parent_run_id: str | None = None) -> list[float]:
+    """Returns the trial's objective values, after running its sampled settings as one run.
+
+    parent_run_id: the worker's run, under which a trial run in its own process is nested.
+    """
     mark_worker(trial)
     overrides = sample_overrides(trial, search.space)
     trial.set_user_attr("overrides", overrides)
@@ -33,16 +37,24 @@ def run_trial(trial: optuna.Trial, search: SearchConfig, compose: Composer,
             "command": shlex.join(["python", "-m", "src.run", *replay, *overrides]),
             "search.objectives": ",".join(search.objectives),
             **{f"trial.{name}": str(value) for name, value in trial.params.items()}}
+    name_prefix = f"{search.study_name}#{trial.number} "
     try:
         cfg = compose(overrides)
-        metrics = run(cfg, callbacks=_early_stop(trial, search, cfg), extra_tags=tags,
-                      nested=True, name_prefix=f"{search.study_name}#{trial.number} ")
+        if trial_process.isolated(search):
+            settings_from(cfg)  # bad settings fail here, before a process pays for TensorFlow
+            job = trial_process.TrialJob(
+                OmegaConf.to_container(cfg, resolve=True), trial._trial_id, trial.number,
+                tags, name_prefix, parent_run_id)
+            metrics = trial_process.run_in_child(job, tracking_cfg)
+        else:
+            metrics = _run_here(trial, search, cfg, tags, name_prefix)
         values = [OBJECTIVES[name].value(metrics, search.size) for name in search.objectives]
     except tracking.StoppedEarly as stop:
         trial.set_user_attr("early_stop_reason", str(stop))
         raise optuna.TrialPruned(str(stop)) from None
     except Exception as error:
-        reason = f"{type(error).__name__}: {error}"
+        reason = str(error) if isinstance(error, trial_process.TrialProcessFailed) \
+            else f"{type(error).__name__}: {error}"
         trial.set_user_attr("failure_reason", reason[:2000])
         # Settings refused before run() opened its MLflow run still get a FAILED trial run.
         tracking.record_failure(tracking_cfg, tags, reason,
@@ -63,35 +75,11 @@ def run_trial(trial: optuna.Trial, search: SearchConfig, compose: Composer,
     return values
 
 
-def _early_stop(trial: optuna.Trial, search: SearchConfig, cfg: DictConfig) -> list[ReportEpochs]:
-    """Returns the callback that reports per-epoch estimates, for single-objective studies."""
-    # Reported under the rule none too: the early-stop benchmark counts the epochs trained.
-    if len(search.objectives) > 1 or OBJECTIVES[search.objectives[0]].estimate is None:
-        return []
-    prune = cfg.prune
-    final = final_sparsity_of(prune.method, prune.get("final_sparsity", 0.0),
-                              prune.get("structured_2_4", False))
-    return [ReportEpochs(trial, search.objectives[0], cfg.quant.mode, final, search.size)]
+def _run_here(trial: optuna.Trial, search: SearchConfig, cfg: DictConfig,
+              tags: dict[str, str], name_prefix: str) -> dict[str, float]:
+    """Returns the metrics of the trial's run, trained in this process."""
+    from src.run import run  # TensorFlow is imported only where a trial trains
+    from src.search.early_stop import early_stop_callbacks
 
-
-class ReportEpochs(keras.callbacks.Callback):
-    """Reports the objective's estimate each fine-tuning epoch; stops hopeless trials."""
-
-    def __init__(self, trial: optuna.Trial, objective: str, quant_mode: str,
-                 final_sparsity: float | None = None, size: str = "zipped"):
-        super().__init__()
-        self.trial, self.objective, self.size = trial, objective, size
-        self.bytes_per_weight = BYTES_PER_WEIGHT[quant_mode]
-        self.final_sparsity = final_sparsity
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = logs or {}
-        accuracy = logs.get("val_accuracy", logs.get("accuracy"))
-        if accuracy is None:
-            return
-        value = epoch_estimate(self.objective, float(accuracy), self.model,
-                               self.bytes_per_weight, self.final_sparsity, self.size)
-        self.trial.report(value, step=epoch + 1)
-        if self.trial.should_prune():
-            raise tracking.StoppedEarly(f"stopped after epoch {epoch + 1}: val_accuracy "
-                                        f"{accuracy:.4f}, estimated {self.objective} {value:.4g}")
+    return run(cfg, callbacks=early_stop_callbacks(trial, search, cfg), extra_tags=tags,
+               nested=True, name_prefix=name_prefix)

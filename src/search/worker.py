@@ -65,11 +65,14 @@ def run_search(cfg: DictConfig, compose: Composer, replay: Sequence[str] = ()) -
     lines = TrialLines(search)
     current: list[int] = []  # the trial this worker is running, to retry it if interrupted
 
-    def objective(trial: optuna.Trial) -> list[float]:
-        current[:] = [trial.number]
-        return run_trial(trial, search, compose, base.tracking, replay)
+    with tracking.tracked_run(base.tracking, tags,
+                              run_name=f"search:{search.study_name}") as worker_run:
 
-    with tracking.tracked_run(base.tracking, tags, run_name=f"search:{search.study_name}"):
+        def objective(trial: optuna.Trial) -> list[float]:
+            current[:] = [trial.number]
+            return run_trial(trial, search, compose, base.tracking, replay,
+                             parent_run_id=worker_run.info.run_id)
+
         tracking.log_params({"search.objectives": ",".join(search.objectives),
                              "search.size": search.size,
                              "search.storage": tracking.safe_url(search.storage),
