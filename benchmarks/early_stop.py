@@ -34,6 +34,8 @@ def study(root: Path, name: str, rule: str, args: argparse.Namespace) -> optuna.
             f"search.early_stop.max_epochs={args.finetune_epochs}",
             f"search.early_stop.percentile={args.percentile}",
             "search.accuracy_floor=null", "~search.space",
+            # in this process, so that --tfmot-as-trained's patch reaches the trials
+            "search.trial_process=false",
             "+search.space={method: {path: prune, choices: [flat, layer, tfmot]}, "
             "rate: {path: prune.rate, low: 0.5, high: 0.95, when: {method: [flat, layer]}}, "
             "final_sparsity: {path: prune.final_sparsity, low: 0.5, high: 0.95, "
@@ -69,9 +71,9 @@ def main() -> None:
                         help="estimate tfmot trials at their current, still ramping sparsity")
     args = parser.parse_args()
     if args.tfmot_as_trained:
-        import src.search.trial
+        import src.search.early_stop
 
-        src.search.trial.final_sparsity_of = lambda *_: None
+        src.search.early_stop.final_sparsity_of = lambda *_: None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows, by_method = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-early-") as tmp:
