@@ -42,6 +42,9 @@ REFERENCE = {"dense": 0.67, "tfmot": 0.65, "int8": 0.63, "model_mb": 9.15, "zipp
              "quantized_mb": 0.56}
 # The frontier targets: int8 TFLite test accuracy at no more than this many zipped bytes.
 FRONTIER = [(64 * KB, 0.85), (256 * KB, 0.88)]
+# ... and at no more raw .tflite bytes than the MLPerf Tiny reference ResNet-8 (about 99 KB), more
+# accurate than its int8 accuracy.
+MLPERF_RAW = (99 * KB, 0.861)
 # Channel pruning's target: int8 accuracy at no more than this many raw .tflite bytes, this many
 # times faster than the dense int8 model measured beside it.
 CHANNEL_TARGET = {"accuracy": 0.84, "raw_bytes": 64 * KB, "speedup": 1.5}
@@ -461,22 +464,28 @@ def device_section(rows: list[dict]) -> str:
 
 
 def frontier_section(rows: list[dict]) -> str:
-    """Returns the frontier targets and the best int8 row under each size limit."""
+    """Returns the frontier targets, the best int8 row under each size limit and the gap."""
     int8 = [r for r in rows if r["config"]["quant"]["mode"] == "int8"]
     if not int8:
         return ""
     lines = ["## Frontier: int8 TFLite accuracy under a size limit\n",
-             "| zipped TFLite limit | target | best here | row | zipped KB | met |",
+             "| size limit | target | best here | gap (points) | row | its size |",
              "|---|---|---|---|---|---|"]
-    for limit, target in FRONTIER:
-        fitting = [r for r in int8 if r["tflite_zip_bytes"] <= limit]
+    limits = [("zipped", "tflite_zip_bytes", limit, target) for limit, target in FRONTIER]
+    limits.append(("raw", "tflite_bytes", *MLPERF_RAW))
+    for kind, key, limit, target in limits:
+        fitting = [r for r in int8 if r[key] <= limit]
         best = max(fitting, key=lambda r: r["tflite_accuracy"], default=None)
+        label = f"{limit // KB} KB {kind}"
         if best is None:
-            lines.append(f"| {limit // KB} KB | {target:.0%} | none fits | - | - | no |")
+            lines.append(f"| {label} | {target:.1%} | none fits | - | - | - |")
             continue
-        met = "yes" if best["tflite_accuracy"] >= target else "no"
-        lines.append(f"| {limit // KB} KB | {target:.0%} | {best['tflite_accuracy']:.2%} | "
-                     f"{best['name']} | {best['tflite_zip_bytes'] / KB:.1f} | {met} |")
+        gap = (best["tflite_accuracy"] - target) * 100
+        lines.append(f"| {label} | {target:.1%} | {best['tflite_accuracy']:.2%} | {gap:+.2f} | "
+                     f"{best['name']} | {best[key] / KB:.1f} KB |")
+    lines.append(f"\nThe {MLPERF_RAW[0] // KB} KB raw row is the MLPerf Tiny reference ResNet-8's "
+                 f"size, and its target beats the reference's {MLPERF_RAW[1]:.1%} int8 accuracy "
+                 "(200 epochs with Adam). A positive gap means the target is met.")
     return "\n".join(lines) + "\n"
 
 
