@@ -17,20 +17,17 @@ import pytest
 
 from src.config import PROJECT_ROOT
 from src.summary import report
-from tests.conftest import assert_png, compose_config, runs_of
+from tests.conftest import assert_png, compose_config, runs_of, seed_mlflow_store
 
 # The issue's sweep, shrunk: experiment=quick with fewer images and a narrower model.
 SWEEP = ["experiment=quick", "prune=flat,layer", "prune.rate=0.3,0.7", "quant=int8"]
 SHRINK = ["data.n_train=160", "data.n_test=64", "data.num_classes=4", "model.filters=[4,8,8]",
           "train.epochs=1", "train.batch_size=32"]
-NOISE = ("absl", "cuda", "cuInit", "XNNPACK", "fully_quantize", "HDF5", "legacy",
-         "Assets written", "compile_metrics", "Statistics for quantized")
-
-
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> tuple[Path, str]:
+def sweep(tmp_path_factory, mlflow_template) -> tuple[Path, str]:
     """Runs a 2x2 multirun (flat/layer x two rates) once; returns its root and stdout."""
     root = tmp_path_factory.mktemp("sweep")
+    seed_mlflow_store(root, mlflow_template)
     done = subprocess.run(
         [sys.executable, "-m", "src.run", "--multirun", f"paths.root={root}", *SWEEP, *SHRINK],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
@@ -102,23 +99,6 @@ def test_each_job_prints_what_it_does_and_ends_with_its_result_line(sweep):
         assert lines[-1].startswith("result: resnet8 ")
         assert lines[-1].endswith(f"run {ids[number]}")
         assert "TFLite accuracy" in lines[-1] and "(dense " in lines[-1]
-
-
-def test_a_single_quick_run_prints_no_library_noise(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "src.run", f"paths.root={tmp_path}", "experiment=quick",
-         "prune=flat", "prune.rate=0.7", "quant=int8", *SHRINK],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
-        env={**{k: v for k, v in os.environ.items() if k != "PRUNESWEEP_VERBOSE"},
-             "PYTHONUNBUFFERED": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    output = done.stdout + done.stderr
-    noisy = [line for line in output.splitlines() if any(w in line for w in NOISE)]
-    assert not noisy, noisy
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert lines[0].startswith("dense baseline: not cached, training resnet8 for 1 epoch ")
-    assert re.match(r"\d+/\d+ - .* - loss: ", lines[1])  # Keras progress stays
-    assert lines[-1].startswith("result: resnet8 flat 0.70 int8: TFLite accuracy ")
 
 
 def test_sweep_callback_names_the_failed_jobs_and_fails_the_sweep(tmp_path, make_cfg):
