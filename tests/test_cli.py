@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -18,9 +19,11 @@ from src.config import PROJECT_ROOT, settings_from
 from tests.conftest import TINY, compose_config, runs_of
 
 
-def cli(tmp_path: Path, *overrides: str,
-        flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def cli(tmp_path: Path, *overrides: str, flags: tuple[str, ...] = (),
+        quiet: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if quiet:  # as a user runs it, whatever the test runner's environment says
+        env.pop("PRUNESWEEP_VERBOSE", None)
     return subprocess.run(
         [sys.executable, "-m", "src.run", *flags, f"paths.root={tmp_path}", *overrides],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -34,9 +37,22 @@ def no_run_left_running(tmp_path: Path) -> bool:
     return all(r.info.status != "RUNNING" for r in runs)
 
 
-def test_readme_quick_try(tmp_path):
-    done = cli(tmp_path, "experiment=quick", "prune=flat", "prune.rate=0.7", "quant=int8")
+# Start-up chatter of the libraries that must not reach the user (src/quiet.py).
+NOISE = ("absl", "cuda", "cuInit", "XNNPACK", "fully_quantize", "HDF5", "legacy",
+         "Assets written", "compile_metrics", "Statistics for quantized")
+
+
+def test_readme_quick_try_is_tracked_and_prints_no_library_noise(tmp_path):
+    done = cli(tmp_path, "experiment=quick", "prune=flat", "prune.rate=0.7", "quant=int8",
+               quiet=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    noisy = [line for line in output.splitlines() if any(w in line for w in NOISE)]
+    assert not noisy, noisy
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines[0].startswith("dense baseline: not cached, training resnet8 for 3 epochs ")
+    assert lines[1] == "Epoch 1/3" and re.match(r"\d+/\d+ - .* - loss: ", lines[2])  # Keras's
+    assert lines[-1].startswith("result: resnet8 flat 0.70 int8: TFLite accuracy ")
     (tracked,) = runs_of(compose_config([f"paths.root={tmp_path}"]))
     assert tracked.info.status == "FINISHED"
     assert abs(tracked.data.metrics["sparsity_global"] - 0.7) < 0.005
@@ -59,31 +75,58 @@ def make_empty_class(tmp_path: Path) -> Path:
     return tmp_path / "imgs"
 
 
-@pytest.mark.parametrize(
-    "overrides,expected",
-    [
-        (["prune=flat", "prune.rate=1.5"], "prune.rate: must be in [0, 1)"),
-        (["prune=flat", "prune.rate=abc"], "full_key: prune.rate"),
-        (["prune=magic"], "Could not find 'prune/magic'"),
-        (["train.epochs=0"], "train.epochs: must be >= 1"),
-        (["data.path={tmp}/missing.tar.gz"], "data.path: {tmp}/missing.tar.gz does not exist"),
-        (["data.path={tmp}/corrupt.tar.gz"], "data.path: {tmp}/corrupt.tar.gz is not a readable"),
-        (["data=image_folder", "data.path={tmp}/imgs"], "class folder train/cat has no images"),
-        (["data.path={tmp}/escape.tar"], "has an unsafe member refused"),
-    ],
-    ids=["rate-range", "rate-type", "unknown-option", "zero-epochs", "missing-path",
-         "corrupt-archive", "empty-class", "path-traversal"],
-)
-def test_bad_input_fails_with_one_clear_line(tmp_path, overrides, expected):
+def make_bad_inputs(tmp_path: Path) -> None:
     (tmp_path / "corrupt.tar.gz").write_bytes(b"\x1f\x8b\x08 definitely not gzip")
     make_bad_archive(tmp_path)
     make_empty_class(tmp_path)
+
+
+# Refused by Hydra while composing, or by our checks (ConfigError, DataError) in main.
+BAD_INPUT = {
+    "rate-type": (["prune=flat", "prune.rate=abc"], "full_key: prune.rate"),
+    "unknown-option": (["prune=magic"], "Could not find 'prune/magic'"),
+    "path-traversal": (["data.path={tmp}/escape.tar"], "has an unsafe member refused"),
+    "rate-range": (["prune=flat", "prune.rate=1.5"], "prune.rate: must be in [0, 1)"),
+    "zero-epochs": (["train.epochs=0"], "train.epochs: must be >= 1"),
+    "missing-path": (["data.path={tmp}/missing.tar.gz"],
+                     "data.path: {tmp}/missing.tar.gz does not exist"),
+    "corrupt-archive": (["data.path={tmp}/corrupt.tar.gz"],
+                        "data.path: {tmp}/corrupt.tar.gz is not a readable"),
+    "empty-class": (["data=image_folder", "data.path={tmp}/imgs"],
+                    "class folder train/cat has no images"),
+}
+# Through the real command: Hydra's own errors, and one of ours (each process costs seconds).
+ON_THE_COMMAND_LINE = ["rate-type", "unknown-option", "path-traversal"]
+
+
+@pytest.mark.parametrize("case", ON_THE_COMMAND_LINE)
+def test_bad_input_fails_with_one_clear_line(tmp_path, case):
+    overrides, expected = BAD_INPUT[case]
+    make_bad_inputs(tmp_path)
     done = cli(tmp_path, *[o.format(tmp=tmp_path) for o in overrides])
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if expected.format(tmp=tmp_path) in line]
     assert len(lines) == 1, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert "Epoch 1" not in done.stdout  # failed before any training
+    assert no_run_left_running(tmp_path)
+
+
+@pytest.mark.parametrize("case", [c for c in BAD_INPUT if c not in ON_THE_COMMAND_LINE])
+def test_bad_input_ends_main_with_one_clear_line(make_cfg, tmp_path, capsys, case):
+    """The same through main in-process: the SystemExit message is what the command prints."""
+    from src.run import main
+
+    overrides, expected = BAD_INPUT[case]
+    make_bad_inputs(tmp_path)
+    with pytest.raises(SystemExit) as ended:
+        main.__wrapped__(make_cfg(*[o.format(tmp=tmp_path) for o in overrides], tiny=False))
+    message = ended.value.code  # a string: Python prints it to stderr and exits with 1
+    assert isinstance(message, str) and message.startswith("error: ")
+    lines = [line for line in message.splitlines() if expected.format(tmp=tmp_path) in line]
+    assert len(lines) == 1, message
+    assert "Traceback" not in message
+    assert "Epoch 1" not in capsys.readouterr().out  # failed before any training
     assert no_run_left_running(tmp_path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -144,9 +145,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _mlflow_server(root: Path) -> Iterator[Callable[[float], str]]:
+def _mlflow_server(root: Path, template: Path) -> Iterator[Callable[[float], str]]:
     """Starts an MLflow server on loopback that proxies artifacts to root/artifacts; yields a
-    function that waits (at most its timeout) until the server answers and returns its URL."""
+    function that waits (at most its timeout) until the server answers and returns its URL.
+
+    Its store starts as a copy of the empty template, so it skips MLflow's schema migrations."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, root / "server.db")
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
@@ -180,10 +185,12 @@ WHERE_AND_WHEN = ("run_id", "command", "train_seconds", "merged_runs", "start_ti
 
 
 def test_collect_reads_a_server_with_proxied_artifacts_like_the_local_store(make_cfg,
-                                                                           tmp_path):
+                                                                           tmp_path,
+                                                                           mlflow_template):
     overrides = [("prune=flat", "prune.rate=0.5"), ("prune=layer", "prune.rate=0.5", "quant=int8")]
     tables = {}
-    with _mlflow_server(tmp_path / "server") as ready:  # starts while the local runs run
+    # The server starts while the local runs run.
+    with _mlflow_server(tmp_path / "server", mlflow_template) as ready:
         for store in ("local", "server"):
             tracking = [] if store == "local" else [f"tracking.uri={ready(180)}",
                                                     "tracking.artifact_location=null"]

@@ -88,16 +88,21 @@ def test_bad_measure_settings_are_refused_by_key(make_cfg, key, value):
         settings_from(make_cfg(f"measure.{key}={value}"))
 
 
-def test_latency_and_macs_are_logged_for_every_quantization_mode(make_cfg):
-    macs = {}
+def test_every_quantization_mode_exports_evaluates_and_logs_latency_and_macs(make_cfg):
+    macs, sizes = {}, {}
     for mode in MODES:  # one tmp_path: the dense baseline is trained once and reused
-        cfg = make_cfg(f"quant={mode}", "measure.latency_runs=5", "measure.latency_repeats=2",
+        cfg = make_cfg("prune=flat", "prune.rate=0.5", f"quant={mode}",
+                       "measure.latency_runs=5", "measure.latency_repeats=2",
                        "measure.latency_warmup=1")
         returned = run(cfg)
         metrics = runs_of(cfg)[0].data.metrics
+        assert 0.0 <= metrics["tflite_accuracy"] <= 1.0, mode
+        assert abs(metrics["tflite_accuracy"] - metrics["test_accuracy"]) < 0.1, mode
+        assert metrics["tflite_sparsity"] >= 0.49, mode
         assert metrics["tflite_latency_ms"] == returned["tflite_latency_ms"] > 0
         assert metrics["tflite_latency_p90_ms"] > 0
         assert metrics["params"] > 0
-        macs[mode] = metrics["macs"]
+        macs[mode], sizes[mode] = metrics["macs"], metrics["tflite_bytes"]
     model = build(ModelConfig(name="resnet8", filters=[4, 8, 8]), 4)
     assert set(macs.values()) == {keras_macs(model)}  # quantization changes no MAC
+    assert sizes["int8"] < sizes["float16"] < sizes["none"]  # the raw file, zeros and all

@@ -137,6 +137,7 @@ def test_cache_key_ignores_source_text(make_cfg, tmp_path):
     assert key == _key(make_cfg)
 
 
+@pytest.mark.fresh_baseline
 def test_smaller_test_split_reuses_the_baseline_and_reevaluates(make_cfg):
     settings = settings_from(make_cfg())
     full = load(settings.data, settings.paths.cache_dir)
