@@ -38,10 +38,10 @@ ARMS = {
     "batch_64": ({"batch_size": 64}, None),
     "batch_256": ({"batch_size": 256}, None),
     "no_augmentation": ({"augment": {"crop_padding": 0, "flip": False}}, None),
-    "onednn": ({}, None),
+    "onednn_off": ({}, None),
 }
 # Arms that differ in the environment the process starts with (read at TensorFlow's import).
-ARM_ENV = {"onednn": {"TF_ENABLE_ONEDNN_OPTS": "1"}}  # src/__init__.py turns oneDNN off
+ARM_ENV = {"onednn_off": {"TF_ENABLE_ONEDNN_OPTS": "0"}}  # see src/onednn.py
 
 
 class EpochClock(keras.callbacks.Callback):
@@ -92,8 +92,8 @@ def measure(arm: str, args: argparse.Namespace) -> dict:
          f"--images={args.images}", f"--test-images={args.test_images}",
          f"--epochs={args.epochs}"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0",
-             **ARM_ENV.get(arm, {})})
+        env={**{k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"},
+             "TF_CPP_MIN_LOG_LEVEL": "2", **ARM_ENV.get(arm, {})})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -25,6 +25,7 @@ from src import (
     interrupt,
     measure,
     model_file,
+    onednn,
     quantize,
     report,
     speed,
@@ -210,6 +211,9 @@ def main(cfg: DictConfig) -> float:
     """
     interrupt.raise_on_sigterm()
     tags = sweep_tags()
+    caution = onednn.warning(cfg.prune.method, cfg.prune.finetune_epochs)
+    if caution:
+        print(caution, file=sys.stderr, flush=True)
     try:
         # Nested: a sweep parent run, when the sweep callback keeps one active, holds the jobs.
         return run(cfg, extra_tags=tags, nested="sweep_id" in tags)[cfg.objective]

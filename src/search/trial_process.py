@@ -32,7 +32,7 @@ from typing import Any
 
 import sqlalchemy
 
-from src import interrupt, tracking
+from src import interrupt, onednn, tracking
 from src.config import PROJECT_ROOT, TrackingConfig
 from src.search.settings import SearchConfig
 
@@ -78,7 +78,10 @@ def run_in_child(job: TrialJob, tracking_cfg: TrackingConfig) -> dict[str, float
                                     "parent_pid": os.getpid()}))
         # The worker's cwd (relative paths in the config) and this checkout's src package.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+            [str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            # oneDNN off for a channel fine-tuning, which it crashed on (src/onednn.py)
+            **onednn.child_env(job.config["prune"]["method"],
+                               job.config["prune"]["finetune_epochs"])}
         # Started from the main thread: Linux's parent-death signal follows the thread.
         child = subprocess.Popen([sys.executable, "-m", "src.search.trial_process", str(spec)],
                                  env=env)
