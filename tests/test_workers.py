@@ -28,9 +28,12 @@ SEARCH = [*TINY["data"], *TINY["model"], *TINY["train"], "search=accuracy_per_mb
 
 
 def start(module: str, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    # SIGINT back to its default first: a suite started in the background by a non-interactive
+    # shell inherits it ignored, and Python then never turns it into KeyboardInterrupt.
     return subprocess.Popen([sys.executable, "-m", module, *overrides], cwd=PROJECT_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def trial_processes(worker_pid: int) -> list[int]:
