@@ -69,6 +69,11 @@ def baseline_key(data: Dataset, data_cfg: DataConfig, model_cfg: ModelConfig,
         "model": asdict(model_cfg),
         "train": _without(asdict(train_cfg), RUNTIME_ONLY["train"]),
     }
+    return content_key(content)
+
+
+def content_key(content: dict) -> str:
+    """Returns the 16-hex-digit content address of a JSON-serialisable description."""
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -88,7 +93,7 @@ def finetune_key(base_key: str, prune_cfg: PruneConfig, train_cfg: TrainConfig,
     content = {"version": CACHE_VERSION, "recipe_version": RECIPE_VERSION, "baseline": base_key,
                "prune": asdict(prune_cfg), "distill": asdict(distill_cfg),
                "train": _without(asdict(train_cfg), RUNTIME_ONLY["train"])}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    return content_key(content)
 
 
 def finetune_checkpoint_dir(cache_dir: str | Path, key: str) -> Path:

@@ -29,7 +29,7 @@ import h5py
 from tf_keras.protobuf import saved_metadata_pb2
 
 from src import data as data_module
-from src.baseline import Baseline, baseline_key
+from src.baseline import Baseline, baseline_key, content_key
 from src.config import ConfigError, ModelConfig, Settings
 from src.data import Dataset
 from src.keras_env import keras, tf
@@ -304,7 +304,7 @@ def file_key(cfg: ModelConfig, dataset: Dataset) -> str:
     content = {"version": CACHE_VERSION, "file_sha256": file_sha256(Path(cfg.path).expanduser()),
                "data_fingerprint": dataset.fingerprint, "input_scale": cfg.input_scale,
                "tf": tf.__version__}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    return content_key(content)
 
 
 def file_sha256(path: Path) -> str:

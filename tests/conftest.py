@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +18,7 @@ import pytest
 from omegaconf import DictConfig
 
 from src import baseline
-from src.config import compose_config
+from src.config import PROJECT_ROOT, compose_config
 
 # Small enough that a whole experiment (train, prune, convert, evaluate) takes seconds.
 # The data and model entries give way when a test picks another option of that group.
@@ -203,3 +207,24 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str) -> T:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.2)
+
+
+def kill_after_epoch_2_and_rerun(overrides: list[str], checkpoints: Path) -> str:
+    """Returns the output of `src.run` run again after a first run of the same overrides was
+    SIGKILLed as soon as its epoch-2 checkpoint appeared under checkpoints (``*.ckpt/``)."""
+    command = [sys.executable, "-m", "src.run", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: first.poll() is not None
+                   or list(checkpoints.glob("*.ckpt/epoch-0002")), 300, "an epoch-2 checkpoint")
+        assert first.poll() is None, "the first run ended before it could be killed"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert [p.name for p in checkpoints.glob("*.ckpt/epoch-*")] == ["epoch-0002"]
+    second = subprocess.run(command, cwd=PROJECT_ROOT, env=env, text=True, timeout=300,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert second.returncode == 0, second.stdout[-3000:]
+    return second.stdout

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from src.config import PROJECT_ROOT, compose_config, settings_from
-from tests.conftest import runs_of, wait_until
+from src.config import compose_config, settings_from
+from tests.conftest import kill_after_epoch_2_and_rerun, runs_of
 
 
 def test_killed_finetuning_resumes_at_epoch_3(tmp_path):
@@ -22,25 +18,10 @@ def test_killed_finetuning_resumes_at_epoch_3(tmp_path):
                  "model.filters=[8,8,16]", "train.epochs=1", "train.batch_size=32",
                  "train.verbose=2", "prune=channel", "prune.rate=0.25", "prune.min_channels=2",
                  "prune.magnitude_rate=0.3", "prune.finetune_epochs=4"]
-    command = [sys.executable, "-m", "src.run", *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     finetune = Path(settings_from(compose_config(overrides)).paths.cache_dir) / "finetune"
-    first = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: first.poll() is not None or list(finetune.glob("*.ckpt/epoch-0002")),
-                   300, "the fine-tuning's epoch-2 checkpoint")
-        assert first.poll() is None, "the first run ended before it could be killed"
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-    assert [p.name for p in finetune.glob("*.ckpt/epoch-*")] == ["epoch-0002"]
-
-    second = subprocess.run(command, cwd=PROJECT_ROOT, env=env, text=True, timeout=300,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert second.returncode == 0, second.stdout[-3000:]
-    assert "resuming training after epoch 2 of 4" in second.stdout
-    epochs = [line.split()[1] for line in second.stdout.splitlines()
+    output = kill_after_epoch_2_and_rerun(overrides, finetune)
+    assert "resuming training after epoch 2 of 4" in output
+    epochs = [line.split()[1] for line in output.splitlines()
               if line.startswith("Epoch ")]
     assert epochs == ["3/4", "4/4"]  # the baseline was stored; only fine-tuning epochs left
     assert not list(finetune.glob("*.ckpt"))  # removed once the run has its model

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -20,7 +17,7 @@ from src.checkpoint import EpochCheckpoint
 from src.config import PROJECT_ROOT, AugmentConfig, TrainConfig, compose_config, settings_from
 from src.data import load
 from src.keras_env import keras
-from tests.conftest import TINY, runs_of
+from tests.conftest import TINY, kill_after_epoch_2_and_rerun, runs_of
 
 
 def test_schedule_warms_up_then_decays_to_zero_or_holds():
@@ -158,26 +155,11 @@ def test_killed_baseline_training_resumes_at_epoch_3(tmp_path):
     overrides = [f"paths.root={tmp_path}", "data=synthetic", "data.n_train=600",
                  "data.n_test=64", "data.num_classes=4", *TINY["model"], "train.epochs=4",
                  "train.batch_size=32", "train.verbose=2"]
-    command = [sys.executable, "-m", "src.run", *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
     baselines = Path(settings_from(compose_config(overrides)).paths.cache_dir) / "baselines"
-    deadline = time.monotonic() + 300
-    while not list(baselines.glob("*.ckpt/epoch-0002")):  # the event: epoch 2 is on disk
-        assert first.poll() is None and time.monotonic() < deadline, "no epoch-2 checkpoint"
-        time.sleep(0.05)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    assert [p.name for p in baselines.glob("*.ckpt/epoch-*")] == ["epoch-0002"]
-
-    second = subprocess.run(command, cwd=PROJECT_ROOT, env=env, text=True, timeout=300,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert second.returncode == 0, second.stdout[-3000:]
-    epochs = [line.split()[1] for line in second.stdout.splitlines()
-              if line.startswith("Epoch ")]
+    output = kill_after_epoch_2_and_rerun(overrides, baselines)
+    epochs = [line.split()[1] for line in output.splitlines() if line.startswith("Epoch ")]
     assert epochs[:2] == ["3/4", "4/4"]  # baseline epochs trained after the resume
-    assert "resuming training after epoch 2 of 4" in second.stdout
+    assert "resuming training after epoch 2 of 4" in output
     assert not list(baselines.glob("*.ckpt"))  # removed once the baseline is stored
     meta = json.loads(next(baselines.glob("*/meta.json")).read_text())
     assert len(meta["history"]["loss"]) == 4 and meta["resumed_from_epoch"] == 2
