@@ -85,6 +85,22 @@ def test_global_scope_removes_exactly_the_rate_and_the_weakest_channels():
     assert all(mask.sum() >= 1 for mask in keep.values())
 
 
+def test_channel_multiple_keeps_whole_simd_blocks_of_the_strongest_channels():
+    model = build(ModelConfig(name="resnet8"), 10)  # 16, 32, 64 filters
+    graph = build_graph(model)
+    keep = choose_channels(model, graph, channel_config(rate=0.45, min_channels=4))
+    rounded = choose_channels(model, graph, channel_config(rate=0.45, min_channels=4,
+                                                           channel_multiple=8))
+    groups = {g.root: g for g in graph.groups().values()}
+    for root, mask in rounded.items():
+        kept = int(mask.sum())
+        assert kept % 8 == 0 and abs(kept - keep[root].sum()) <= 4
+        score = group_scores(model, graph, groups[root], "l1", True)
+        assert score[mask].min() >= score[~mask].max() if (~mask).any() else kept == len(mask)
+    assert all(n % 8 == 0 for layer, n in widths(rebuild(model, graph, rounded)).items()
+               if layer != "predictions")
+
+
 def test_groups_tie_residual_adds_and_pin_the_head():
     graph = build_graph(build(TINY_MODELS["resnet8"], 10))
     groups = {tuple(sorted(g.producers)): g for g in graph.groups().values() if g.producers}
@@ -96,7 +112,8 @@ def test_groups_tie_residual_adds_and_pin_the_head():
 @pytest.mark.parametrize("override, key", [
     ("prune.criterion=l3", "prune.criterion"), ("prune.scope=net", "prune.scope"),
     ("prune.min_channels=0", "prune.min_channels"), ("prune.rate=1.0", "prune.rate"),
-    ("prune.magnitude_rate=1.0", "prune.magnitude_rate")])
+    ("prune.magnitude_rate=1.0", "prune.magnitude_rate"),
+    ("prune.channel_multiple=0", "prune.channel_multiple")])
 def test_bad_channel_settings_are_refused_by_key(make_cfg, override, key):
     with pytest.raises(ConfigError, match=key):
         settings_from(make_cfg("prune=channel", override))

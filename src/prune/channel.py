@@ -118,8 +118,24 @@ def choose_channels(model: keras.Model, graph: ChannelGraph, cfg: PruneConfig,
     groups = prunable_groups(graph)
     scores = {g.root: group_scores(model, graph, g, cfg.criterion, cfg.bn_scale) for g in groups}
     if cfg.rates_from:
-        return _keep_from_sensitivity(groups, scores, cfg)
-    return keep_masks(scores, cfg.rate, cfg.scope, cfg.min_channels)
+        keep = _keep_from_sensitivity(groups, scores, cfg)
+    else:
+        keep = keep_masks(scores, cfg.rate, cfg.scope, cfg.min_channels)
+    if cfg.channel_multiple == 1:
+        return keep
+    return {root: round_to_multiple(mask, scores[root], cfg.channel_multiple, cfg.min_channels)
+            for root, mask in keep.items()}
+
+
+def round_to_multiple(keep: np.ndarray, score: np.ndarray, multiple: int,
+                      min_channels: int) -> np.ndarray:
+    """Returns a keep mask of the highest-scoring channels whose count is the kept count
+    rounded to the nearest multiple (at least one multiple and min_channels, at most all)."""
+    size = len(score)
+    count = max(multiple * round(int(keep.sum()) / multiple), multiple, min(min_channels, size))
+    if count >= size:
+        return np.ones(size, dtype=bool)
+    return _drop(size, np.argsort(score, kind="stable")[: size - count])
 
 
 def _keep_from_sensitivity(groups: list[ChannelGroup], scores: dict[int, np.ndarray],
