@@ -386,6 +386,11 @@ def model_file_section(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _key(row: dict) -> str:
+    """Returns the row's name with its experiment: names are unique only within one."""
+    return f"{row['experiment']}/{row['name']}"
+
+
 def channel_section(rows: list[dict], results: Path) -> str:
     """Returns the channel-pruning rows beside the dense and magnitude-pruned ones, their
     latencies measured now, side by side and interleaved, from the committed files."""
@@ -395,30 +400,32 @@ def channel_section(rows: list[dict], results: Path) -> str:
         return ""
     from src import speed  # LiteRT only when there is something to time
 
-    files = {r["name"]: (results / r["file"]).read_bytes() for r in chosen}
+    files = {_key(r): (results / r["file"]).read_bytes() for r in chosen}
     latency = speed.compare_latency(files, threads=1, warmup=50, runs=200, repeats=5)
-    base = latency[dense["name"]].median_ms
+    base = latency[_key(dense)].median_ms
     lines = ["## Real size and real speed: channel pruning against magnitude pruning (int8)\n",
-             "ResNet-8 from its committed dense model (`model=file`), int8. Magnitude pruning "
+             "ResNet-8 from a committed dense model (`model=file`; its Keras accuracy in the "
+             "`dense acc` column), int8. Magnitude pruning "
              "(flat) zeroes weights: the zip shrinks, the raw `.tflite` a device stores and its "
              "MACs do not. Channel pruning removes filters and rebuilds a smaller dense model. "
              "Latency: LiteRT, batch 1, 1 thread, measured by this command with every row's "
              "file loaded at once and their invokes interleaved (5 rounds of 200 after 50 "
              "warm-up invokes; median of round medians), so all rows share the machine's "
              "state.\n",
-             "| row | distill | TFLite acc | raw bytes | zipped bytes | MACs | params | "
-             "latency ms | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| row | dense acc | distill | TFLite acc | raw bytes | zipped bytes | MACs | params "
+             "| latency ms | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(chosen, key=lambda r: -r["tflite_bytes"]):
         distill = r["config"].get("distill", {}).get("alpha", 0.0)
-        stats = latency[r["name"]]
-        lines.append(f"| {r['name']} | {distill or '-'} | {r['tflite_accuracy']:.2%} | "
+        stats = latency[_key(r)]
+        lines.append(f"| {r['name']} | {r['baseline_test_accuracy']:.2%} | {distill or '-'} | "
+                     f"{r['tflite_accuracy']:.2%} | "
                      f"{r['tflite_bytes']:.0f} | {r['tflite_zip_bytes']:.0f} | "
                      f"{r['macs'] or 0:.0f} | {r['params'] or 0:.0f} | "
                      f"{stats.median_ms:.4f} | {base / stats.median_ms:.2f}x |")
     target = CHANNEL_TARGET
     fits = [r for r in chosen if r["tflite_bytes"] <= target["raw_bytes"]
-            and base / latency[r["name"]].median_ms >= target["speedup"]]
+            and base / latency[_key(r)].median_ms >= target["speedup"]]
     best = max(fits, key=lambda r: r["tflite_accuracy"], default=None)
     verdict = "no row fits the size and speed-up" if best is None else (
         f"best fitting row {best['name']}: {best['tflite_accuracy']:.2%} "
