@@ -1,52 +1,83 @@
-"""Latency of int8 ResNet-8s of given stage widths, side by side: is it the MACs or the widths?
+"""Latency of int8 ResNet-8s of given widths, side by side: is it the MACs or the widths?
 
     python -m benchmarks.channel_widths [--widths 16-32-64 9-17-29 8-16-32 ...] [--runs 200]
+    python -m benchmarks.channel_widths --model results/models/resnet8-dense-<key>.h5 \\
+        [--rates 0.3 0.4 0.5] [--multiples 1 8]
 
-Each width set (stem and stage 1, stage 2, stage 3) builds a ResNet-8 with random weights
-(latency does not depend on their values), exported to int8 TFLite with random calibration
-images, and all files are timed together as in ``benchmarks.latency``: LiteRT, batch 1, one
-thread, invokes interleaved. Prints raw bytes, MACs, the median and each set's speed-up over
-the first, so widths that are not a multiple of the kernels' SIMD block show up as MACs
+Without --model, each width set (stem and stage 1, stage 2, stage 3) builds a ResNet-8 with
+random weights (latency does not depend on their values). With --model, that Keras model is
+channel-pruned (``src.prune.channel.remove_channels``, global scope, no fine-tuning: only the
+shapes matter here) at each rate and ``prune.channel_multiple``, and the dense model is timed
+beside them. Every model is exported to int8 TFLite with random calibration images, and all
+files are timed together as in ``benchmarks.latency``: LiteRT, batch 1, one thread, invokes
+interleaved. Prints raw bytes, MACs, the conv widths, the median and each model's speed-up
+over the first, so widths that are not a multiple of the kernels' SIMD block show up as MACs
 that do not turn into speed.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import machine
 from src import models, quantize, speed
-from src.config import ModelConfig, QuantConfig
+from src.config import ModelConfig, PruneConfig, QuantConfig
+from src.keras_env import keras
+from src.prune.channel import remove_channels
 
 DEFAULT_WIDTHS = ["16-32-64", "12-24-48", "9-17-29", "8-16-32", "8-24-48", "8-16-48",
                   "8-24-40", "8-32-48"]
 
 
+def conv_widths(model: keras.Model) -> str:
+    """Returns the output channels of the model's convolutions, in order, joined by '-'."""
+    return "-".join(str(layer.output.shape[-1]) for layer in model.layers
+                    if isinstance(layer, keras.layers.Conv2D))
+
+
+def candidates(args: argparse.Namespace) -> dict[str, keras.Model]:
+    """Returns the models to time by name: built from widths, or pruned from --model."""
+    if args.model is None:
+        return {widths: models.build(ModelConfig(name="resnet8", filters=[
+            int(w) for w in widths.split("-")]), 10) for widths in args.widths}
+    dense = keras.models.load_model(args.model, compile=False)
+    found = {"dense": dense}
+    for multiple in args.multiples:
+        for rate in args.rates:
+            found[f"rate {rate:.2f}, multiple {multiple}"] = remove_channels(
+                dense, PruneConfig(method="channel", rate=rate, channel_multiple=multiple))
+    return found
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Builds, exports and times one ResNet-8 per width set and prints one row each."""
+    """Builds or prunes, exports and times the models and prints one row each."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", nargs="+", default=DEFAULT_WIDTHS)
+    parser.add_argument("--model", type=Path, help="a Keras model file to channel-prune")
+    parser.add_argument("--rates", nargs="+", type=float, default=[0.3, 0.35, 0.4, 0.45, 0.5])
+    parser.add_argument("--multiples", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     calibration = np.random.default_rng(0).uniform(0, 255, (64, 32, 32, 3)).astype("float32")
-    files = {}
-    for widths in args.widths:
-        model = models.build(ModelConfig(name="resnet8", filters=[int(w) for w in
-                                                                   widths.split("-")]), 10)
-        files[widths] = quantize.to_tflite(model, QuantConfig(mode="int8"), calibration)
+    found = candidates(args)
+    files = {name: quantize.to_tflite(model, QuantConfig(mode="int8"), calibration)
+             for name, model in found.items()}
     stats = speed.compare_latency(files, 1, args.warmup, args.runs, args.repeats)
-    print(f"ResNet-8 int8 by stage widths; LiteRT latency, batch 1, 1 thread, {args.repeats} "
-          f"rounds of {args.runs} invokes per model, interleaved; {machine()}")
-    first = stats[args.widths[0]].median_ms
-    print("| widths | raw bytes | MACs | median ms | p90 ms | speed-up |")
-    print("|---|---|---|---|---|---|")
-    for widths, found in stats.items():
-        print(f"| {widths} | {len(files[widths])} | {speed.tflite_macs(files[widths])} | "
-              f"{found.median_ms:.4f} | {found.p90_ms:.4f} | {first / found.median_ms:.2f}x |")
+    source = args.model or "ResNet-8s built at the given stage widths, random weights"
+    print(f"{source}, int8; LiteRT latency, batch 1, 1 thread, {args.repeats} rounds of "
+          f"{args.runs} invokes per model, interleaved; {machine()}")
+    first = stats[next(iter(files))].median_ms
+    print("| model | conv widths | raw bytes | MACs | median ms | p90 ms | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for name, found_stats in stats.items():
+        print(f"| {name} | {conv_widths(found[name])} | {len(files[name])} | "
+              f"{speed.tflite_macs(files[name])} | {found_stats.median_ms:.4f} | "
+              f"{found_stats.p90_ms:.4f} | {first / found_stats.median_ms:.2f}x |")
 
 
 if __name__ == "__main__":
