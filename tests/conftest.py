@@ -188,6 +188,10 @@ def assert_png(path: Path) -> None:
 
 T = TypeVar("T")
 
+# For the MLflow servers tests start: MLflow 3's server also starts a job runner for its GenAI
+# jobs by default, one more process importing MLflow while the test waits, and none uses it.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
 
 def free_port() -> int:
     """Returns a loopback TCP port free right now (the suite runs tests in parallel)."""
