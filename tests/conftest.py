@@ -40,7 +40,6 @@ SLOW_FIRST = (
     "tests/test_sweep.py::test_multirun_shares_one_baseline",  # and its group
     "tests/test_workers.py::test_two_workers_share_one_postgresql_study",
     "tests/test_distill.py::test_distillation_from_another_cached_baseline_with_tfmot",
-    "tests/test_results.py::test_collect_reads_a_server_with_proxied_artifacts",
     "tests/test_run.py::test_every_model_runs[mobilenetv2]",
     "tests/test_train.py::test_killed_baseline_training_resumes_at_epoch_3",
     "tests/test_finetune_resume.py::test_killed_finetuning_resumes_at_epoch_3",
@@ -50,6 +49,7 @@ SLOW_FIRST = (
     "tests/test_search.py::test_pareto_study_and_resume_by_name",
     "tests/test_cli.py::test_readme_quick_try",
     "tests/test_search.py::test_early_stopping_study_records_trials_and_nested_runs",
+    "tests/test_results.py::test_collect_reads_a_server_with_proxied_artifacts",
     "tests/test_results.py::test_runs_differing_in_one_setting",
     "tests/test_prune.py::test_tfmot_reaches_final_sparsity_and_leaves_depthwise_dense",
     "tests/test_speed.py::test_every_quantization_mode",
