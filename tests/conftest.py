@@ -36,24 +36,26 @@ TINY = {
 SLOW_FIRST = (
     "tests/test_model_file.py::test_multirun_shares_one_loaded_baseline",  # and its group
     "tests/test_workers.py::test_killed_worker_trial_is_retried_at_once",
+    "tests/test_isolation.py::test_a_trial_killed_by_a_signal_fails_alone",
     "tests/test_sweep.py::test_multirun_shares_one_baseline",  # and its group
     "tests/test_workers.py::test_two_workers_share_one_postgresql_study",
     "tests/test_distill.py::test_distillation_from_another_cached_baseline_with_tfmot",
-    "tests/test_results.py::test_collect_reads_a_server_with_proxied_artifacts",
     "tests/test_run.py::test_every_model_runs[mobilenetv2]",
     "tests/test_train.py::test_killed_baseline_training_resumes_at_epoch_3",
+    "tests/test_finetune_resume.py::test_killed_finetuning_resumes_at_epoch_3",
+    "tests/test_run.py::test_every_model_runs[mobilenetv2_cifar]",
+    "tests/test_search.py::test_a_three_objective_study",  # two trials, each in its process
     "tests/test_cli.py::test_a_bad_multirun_job_is_recorded_and_the_others_run",
     "tests/test_search.py::test_pareto_study_and_resume_by_name",
     "tests/test_cli.py::test_readme_quick_try",
     "tests/test_search.py::test_early_stopping_study_records_trials_and_nested_runs",
+    "tests/test_results.py::test_collect_reads_a_server_with_proxied_artifacts",
     "tests/test_results.py::test_runs_differing_in_one_setting",
-    "tests/test_run.py::test_every_model_runs[mobilenetv2_cifar]",
     "tests/test_prune.py::test_tfmot_reaches_final_sparsity_and_leaves_depthwise_dense",
     "tests/test_speed.py::test_every_quantization_mode",
     "tests/test_config.py::test_a_fixed_value_sweeps_with_the_group_options",
     "tests/test_results.py::test_collect_then_check_reevaluates_every_row",
     "tests/test_run.py::test_same_config_and_seed_give_the_same_model",
-    "tests/test_search.py::test_a_three_objective_study",
     "tests/test_workers.py::test_ctrl_c_and_sigterm_end_the_run_as_killed",
     "tests/test_ui.py",
     "tests/test_channel.py::test_channel_run_is_smaller_and_logs_its_table",
@@ -185,6 +187,10 @@ def assert_png(path: Path) -> None:
 
 
 T = TypeVar("T")
+
+# For the MLflow servers tests start: MLflow 3's server also starts a job runner for its GenAI
+# jobs by default, one more process importing MLflow while the test waits, and none uses it.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def free_port() -> int:

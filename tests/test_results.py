@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 
 from results import check, collect
 from src.run import run
-from tests.conftest import assert_png
+from tests.conftest import MLFLOW_SERVER_ENV, assert_png
 
 matplotlib.use("Agg")
 
@@ -157,7 +158,8 @@ def _mlflow_server(root: Path, template: Path) -> Iterator[Callable[[float], str
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
          f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, **MLFLOW_SERVER_ENV})
     url = f"http://127.0.0.1:{port}"
 
     def ready(timeout: float) -> str:

@@ -107,6 +107,7 @@ def test_a_search_chooses_between_uniform_rates_and_a_sensitivity_run(tmp_path):
     tiny = [entry for entries in TINY.values() for entry in entries]
     base = [f"paths.root={tmp_path}", *tiny, "tracking.experiment=sens", "search=accuracy_per_mb",
             "search.n_trials=2", "search.early_stop.rule=none", "search.accuracy_floor=null",
+            "search.trial_process=false",  # not the point here; each trial's process imports TF
             "prune=channel", "prune.min_channels=1", "prune.finetune_epochs=0",
             "~search.space", "+search.space={rate: {path: prune.rate, low: 0.45, high: 0.45}, "
             f"sensitivity: {{path: prune.rates_from, choices: [null, '{run_id}']}}}}"]

@@ -16,6 +16,7 @@ import pytest
 
 from src import report, tracking
 from src.config import settings_from
+from tests.conftest import MLFLOW_SERVER_ENV
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
@@ -69,7 +70,8 @@ def mlflow_ui(make_cfg, tmp_path):
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **MLFLOW_SERVER_ENV})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240  # a busy 2-core machine needs a minute or more
