@@ -1,16 +1,16 @@
-"""One compression experiment: ``python -m src.run prune=flat prune.rate=0.7 quant=int8``.
+"""The command line of one compression experiment:
+``python -m src.run prune=flat prune.rate=0.7 quant=int8``.
 
-``run(cfg)`` does the work and returns the metrics; ``main`` is the Hydra entry point
-and returns the configured objective for sweepers.
+``main`` is the Hydra entry point: it runs ``src.experiment.run`` and returns the configured
+objective for sweepers. TensorFlow is imported only inside it, so overrides Hydra refuses fail
+in about a second rather than after TensorFlow's import.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shlex
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -18,174 +18,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from src import (
-    baseline,
-    data,
-    distill,
-    interrupt,
-    measure,
-    model_file,
-    onednn,
-    quantize,
-    report,
-    speed,
-    sweep_callback,
-    tracking,
-    units,
-)
-from src.checkpoint import EpochCheckpoint
-from src.config import ConfigError, Settings, TrackingConfig, register_resolvers, settings_from
+from src import interrupt, onednn, sweep_callback, tracking
+from src.config import ConfigError, TrackingConfig, register_resolvers
 from src.data import DataError
-from src.keras_env import keras
-from src.prune import prune
-from src.train import evaluate
-
-
-def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
-        extra_tags: dict[str, str] | None = None, nested: bool = False,
-        name_prefix: str = "") -> dict[str, float]:
-    """Runs one tracked experiment and returns its metrics (see README for their names).
-
-    callbacks go to fine-tuning (the search uses them to report and stop early trials);
-    name_prefix goes before the run's name (a search trial's "<study>#<n> ").
-    """
-    clock = measure.Stopwatch()
-    settings = settings_from(cfg)  # bad settings fail here, before data or training
-    distill.check_teacher(settings.distill, settings.paths.cache_dir)
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(settings.train.seed)
-    # model=file: the loaded model is the baseline (own), and the data fit its input.
-    own, dataset, key = model_file.dense_source(settings)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved.pop("search", None)  # the search that chose these settings is logged by its worker
-    resolved["tracking"]["uri"] = tracking.safe_url(resolved["tracking"]["uri"])
-    config_yaml = OmegaConf.to_yaml(resolved)
-    tags = {
-        "git_commit": tracking.git_commit(),
-        "config_hash": hashlib.sha256(config_yaml.encode()).hexdigest()[:16],
-        "baseline_key": key,
-        "data_fingerprint": dataset.fingerprint,
-        "prune_method": settings.prune.method,
-        "quant_mode": settings.quant.mode,
-        **(extra_tags or {}),
-    }
-    params = tracking.flatten(resolved)
-    if "search.objectives" in tags:  # a trial is judged by its study's objectives
-        params["objective"] = tags["search.objectives"]
-    # Always an explicit name: MLflow's random one comes from the RNG the seed just reset.
-    name = name_prefix + (settings.tracking.run_name or report.run_name(settings))
-    with tracking.tracked_run(settings.tracking, tags, run_name=name, nested=nested) as active:
-        tracking.log_params(params)
-        if own:
-            print(f"dense baseline: loaded from {settings.model.path} (key {key})")
-        announce = keras.callbacks.LambdaCallback(  # called only when the baseline is trained
-            on_train_begin=lambda logs: print(report.baseline_line(settings, key, False)))
-        base = own or baseline.load_or_train(key, settings.paths.cache_dir, dataset,
-                                             settings.model, settings.train, callbacks=[announce])
-        if base.reused and not own:
-            print(report.baseline_line(settings, key, True))
-        if not base.reused:
-            clock.add("train", base.train_seconds)
-            clock.add("evaluate", base.evaluate_seconds)
-        tracking.set_tags({"baseline_reused": base.reused})
-        if base.resumed_from_epoch:
-            tracking.set_tags({"resumed_from_epoch": base.resumed_from_epoch})
-        tracking.log_history("baseline", base.history)
-        teacher = distill.teacher_for(settings.distill, base.model, base.test_accuracy,
-                                      settings.paths.cache_dir, dataset.x_test, dataset.y_test,
-                                      ) if settings.prune.finetune_epochs else None
-        checkpoint = finetune_checkpoint(settings, key)
-        with clock("train"):  # masks or tfmot wrappers, and fine-tuning when configured
-            try:
-                result = prune(base.model, settings.prune, dataset, settings.train, callbacks,
-                               distill=teacher, checkpoint=checkpoint)
-            except tracking.StoppedEarly:  # a stopped trial will not be resumed
-                if checkpoint:
-                    checkpoint.remove()
-                raise
-        if checkpoint:
-            if checkpoint.resumed_from_epoch:
-                tracking.set_tags({"finetune_resumed_from_epoch": checkpoint.resumed_from_epoch})
-            checkpoint.remove()  # the fine-tuned model is exported below
-        tracking.log_history("finetune", result.history)
-        # The schedule in steps, as tfmot ran it (frequency may be clamped to the steps there are).
-        tracking.log_params({f"prune_steps.{k}": v for k, v in result.schedule_steps.items()})
-        out_dir = Path(settings.paths.output_dir) / "exports" / active.info.run_id
-        metrics, files = export_and_measure(result.model, settings, dataset, out_dir, clock)
-        (out_dir / "config.yaml").write_text(config_yaml)
-        for file_name, text in result.artifacts.items():  # e.g. the channel table
-            (out_dir / file_name).write_text(text)
-            files.append(out_dir / file_name)
-        metrics["baseline_test_accuracy"] = base.test_accuracy
-        if teacher:
-            metrics["teacher_test_accuracy"] = teacher.test_accuracy
-        metrics.update({f"{phase}_seconds": seconds for phase, seconds in clock.totals().items()})
-        metrics.update(report.size_metrics(metrics))
-        tracking.log_metrics(metrics)
-        tracking.log_artifacts([*files, out_dir / "config.yaml"])
-        tracking.set_tags({"mlflow.note.content": report.headline(settings, metrics)})
-    print("result: " + report.headline(settings, metrics, active.info.run_id), flush=True)
-    return metrics
-
-
-def finetune_checkpoint(settings: Settings, base_key: str) -> EpochCheckpoint | None:
-    """Returns the resumable checkpoint of this run's fine-tuning, or None without one.
-
-    It is keyed by the dense model and the settings that shape the fine-tuned weights, so
-    the same command run again after an interruption resumes from the last saved epoch.
-    """
-    if settings.prune.method == "none" or not settings.prune.finetune_epochs:
-        return None
-    key = baseline.finetune_key(base_key, settings.prune, settings.train, settings.distill)
-    return EpochCheckpoint(baseline.finetune_checkpoint_dir(settings.paths.cache_dir, key),
-                           settings.train.checkpoint_every)
-
-
-def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dataset,
-                       out_dir: Path, clock: measure.Stopwatch,
-                       ) -> tuple[dict[str, float], list[Path]]:
-    """Returns the accuracy, sparsity and size metrics, and the files to upload."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    keras_file, tflite_file = out_dir / "model.h5", out_dir / "model.tflite"
-    table = out_dir / "sparsity_per_layer.csv"
-    with clock("evaluate"):
-        test_accuracy = evaluate(model, dataset.x_test, dataset.y_test)
-    with clock("export"):
-        pruned_types = settings.prune.layer_types if settings.prune.method != "none" \
-            else tuple(measure.KERNEL_ATTRIBUTE)
-        rows = measure.layer_sparsity(model, pruned_types)
-        table.write_text(measure.sparsity_table(rows))
-        model.save(keras_file, include_optimizer=False)
-        flatbuffer = quantize.to_tflite(model, settings.quant, dataset.x_train)
-        tflite_file.write_bytes(flatbuffer)
-        sizes = {
-            "model_bytes": keras_file.stat().st_size,
-            "model_zip_bytes": units.zipped_size(keras_file.read_bytes(), keras_file.name),
-            "tflite_bytes": tflite_file.stat().st_size,
-            "tflite_zip_bytes": units.zipped_size(flatbuffer, tflite_file.name),
-        }
-        sparsity = {
-            "sparsity_global": measure.global_sparsity(rows),
-            "sparsity_all_params": measure.parameter_sparsity(model),
-            "tflite_sparsity": measure.tflite_weight_sparsity(flatbuffer),
-        }
-    with clock("evaluate"):
-        tflite_accuracy = quantize.evaluate_tflite(flatbuffer, dataset.x_test, dataset.y_test)
-        m = settings.measure
-        latency = speed.tflite_latency(flatbuffer, m.latency_threads, m.latency_warmup,
-                                       m.latency_runs, m.latency_repeats)
-    metrics = {
-        "test_accuracy": test_accuracy,
-        "tflite_accuracy": tflite_accuracy,
-        **sparsity,
-        **sizes,
-        "accuracy_per_mb": tflite_accuracy / (sizes["tflite_zip_bytes"] / units.MB),
-        "tflite_latency_ms": latency.median_ms,
-        "tflite_latency_p90_ms": latency.p90_ms,
-        "macs": speed.tflite_macs(flatbuffer),
-        "params": speed.params(model),
-    }
-    return metrics, [tflite_file, table]
 
 
 def sweep_tags() -> dict[str, str]:
@@ -214,6 +49,8 @@ def main(cfg: DictConfig) -> float:
     caution = onednn.warning(cfg.prune.method, cfg.prune.finetune_epochs)
     if caution:
         print(caution, file=sys.stderr, flush=True)
+    from src.experiment import run  # TensorFlow: only once Hydra has accepted the overrides
+
     try:
         # Nested: a sweep parent run, when the sweep callback keeps one active, holds the jobs.
         return run(cfg, extra_tags=tags, nested="sweep_id" in tags)[cfg.objective]

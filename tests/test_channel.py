@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from src.config import ConfigError, ModelConfig, PruneConfig, QuantConfig, settings_from
+from src.experiment import run
 from src.keras_env import keras
 from src.models import build
 from src.prune.channel import (
@@ -20,7 +21,6 @@ from src.prune.channel import (
 )
 from src.prune.graph import build_graph
 from src.quantize import to_tflite
-from src.run import run
 from tests.conftest import runs_of
 
 layers = keras.layers

@@ -9,8 +9,8 @@ from src import baseline, train
 from src.config import ConfigError, DistillConfig, settings_from
 from src.data import load
 from src.distill import log_softmax_input, soft_loss, teacher_for
+from src.experiment import run
 from src.keras_env import keras, tf
-from src.run import run
 from tests.conftest import runs_of
 
 FINETUNE = ["prune.finetune_epochs=1", "distill=kd", "distill.alpha=0.5",

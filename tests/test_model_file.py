@@ -20,8 +20,9 @@ from src.config import (
     TrainConfig,
     settings_from,
 )
+from src.experiment import run
 from src.keras_env import keras
-from src.run import main, run
+from src.run import main
 from src.train import compile_model, ends_in_softmax
 from tests.conftest import TINY, compose_config, runs_of
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from src.config import PROJECT_ROOT
-from src.run import run
+from src.experiment import run
 
 CIFAR_JPG = PROJECT_ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 

@@ -19,7 +19,7 @@ import mlflow
 import pytest
 
 from results import check, collect
-from src.run import run
+from src.experiment import run
 from tests.conftest import MLFLOW_SERVER_ENV, assert_png
 
 matplotlib.use("Agg")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from src import baseline
-from src.run import run
+from src.experiment import run
 from tests.conftest import TINY, runs_of
 
 

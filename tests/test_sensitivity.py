@@ -14,8 +14,8 @@ import optuna
 import pytest
 
 from src.config import ConfigError, compose_config
+from src.experiment import run
 from src.prune.allocate import SensitivityTable, allocate
-from src.run import run
 from src.search.settings import search_settings_from
 from src.search.study import make_study
 from src.search.worker import run_search

@@ -9,10 +9,10 @@ import pytest
 
 from src import speed
 from src.config import ConfigError, ModelConfig, QuantConfig, settings_from
+from src.experiment import run
 from src.keras_env import keras
 from src.models import build
 from src.quantize import to_tflite
-from src.run import run
 from tests.conftest import runs_of
 
 layers = keras.layers

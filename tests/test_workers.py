@@ -186,7 +186,7 @@ def test_failure_rate_cap_stops_a_search_that_fails_everything(tmp_path):
 
 
 def test_nan_loss_fails_the_trial_with_its_reason(make_cfg):
-    from src.run import run
+    from src.experiment import run
 
     cfg = make_cfg("prune=flat", "prune.finetune_epochs=2", "prune.finetune_lr=1e30")
     with pytest.raises(FloatingPointError, match="training loss became"):

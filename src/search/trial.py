@@ -78,7 +78,7 @@ def run_trial(trial: optuna.Trial, search: SearchConfig, compose: Composer,
 def _run_here(trial: optuna.Trial, search: SearchConfig, cfg: DictConfig,
               tags: dict[str, str], name_prefix: str) -> dict[str, float]:
     """Returns the metrics of the trial's run, trained in this process."""
-    from src.run import run  # TensorFlow is imported only where a trial trains
+    from src.experiment import run  # TensorFlow is imported only where a trial trains
     from src.search.early_stop import early_stop_callbacks
 
     return run(cfg, callbacks=early_stop_callbacks(trial, search, cfg), extra_tags=tags,

@@ -161,8 +161,8 @@ def _train(spec: dict[str, Any]) -> dict[str, float]:
     import optuna
     from omegaconf import OmegaConf
 
+    from src.experiment import run
     from src.keras_env import keras
-    from src.run import run
     from src.search.early_stop import early_stop_callbacks, reports_epochs
     from src.search.settings import search_settings_from
     from src.search.study import TRIAL_STOPPERS, open_storage
