@@ -1,7 +1,7 @@
 """Optuna search over compression settings: ``python -m src.search search=accuracy_per_mb``.
 
 Each trial composes the project config with the sampled overrides and runs one tracked
-experiment (``src.run.run``) as a nested MLflow run under this worker's parent run, in a
+experiment (``src.experiment.run``) as a nested MLflow run under this worker's parent run, in a
 process of its own by default (``search.trial_process``), so a native crash fails one trial.
 Single-objective studies stop hopeless trials early on an estimate of the objective per
 fine-tuning epoch ("trial early stopping"; Optuna's name for it is pruning).
