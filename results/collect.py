@@ -35,6 +35,8 @@ METRICS = ["baseline_test_accuracy", "test_accuracy", "tflite_accuracy", "sparsi
            "tflite_sparsity", "model_bytes", "model_zip_bytes", "tflite_bytes",
            "tflite_zip_bytes", "accuracy_per_mb", "train_seconds", "macs", "params",
            "tflite_latency_ms", "teacher_test_accuracy"]
+# A run tag saying what else ran on the machine while it was timed (set by whoever ran it).
+SHARED_TAG = "shared_machine"
 MIB = 1024 * 1024  # the reference study's "MB" (see reference_section)
 
 # The reference study's published numbers (stock MobileNetV2, CIFAR-10), which the table beats.
@@ -140,6 +142,7 @@ def collect(experiments: list[str], uri: str, results: Path,
                              **{k: run.data.metrics.get(k) for k in METRICS},
                              "config": config, "check": None, "file": None,
                              "merged_runs": [], "baseline_key": run.data.tags.get("baseline_key"),
+                             "shared_machine": run.data.tags.get(SHARED_TAG),
                              "start_time": run.info.start_time, "end_time": run.info.end_time})
         names = unique_names(settings, [f"{r['experiment']}/{r['name']}" for r in rows])
         for row, name in zip(rows, names):
@@ -227,8 +230,8 @@ HEADER = """# Results
 Written by `python -m results.collect {args}` from the MLflow runs: every number
 below was measured by the run named in its row, on **CIFAR-10 as the JPEG quality-75 copy**
 (`../shared/datasets/cifar10-jpg.tar.gz`), 45,000 training images (5,000 more held out for
-validation) and the whole 10,000-image test split. JPEG q75 loses detail, so these accuracies
-are a little below what the same recipes reach on the original PNG-exact CIFAR-10.
+validation{full_train}) and the whole 10,000-image test split. JPEG q75 loses detail, so
+these accuracies are a little below what the same recipes reach on the original PNG-exact CIFAR-10.
 
 `python -m results.check` re-evaluates every row on the test split and compares it with this
 table (within 0.3 points): rows whose TFLite file is small are committed as `models/*.tflite`
@@ -244,7 +247,10 @@ Sizes are bytes / 1,000,000 (MB) or / 1,000 (KB), so the 64 KB limit is 64,000 b
 
 def render(rows: list[dict], args: str, results: Path = RESULTS) -> str:
     """Returns results/README.md (the channel rows' files are read from results)."""
-    parts = [HEADER.format(args=args), reference_section(rows), oneshot_section(rows),
+    full = [_key(r) for r in rows if r["config"]["data"].get("val_fraction") == 0]
+    full_train = ("; all 50,000, `data.val_fraction=0.0`, in " + ", ".join(full)) if full else ""
+    parts = [HEADER.format(args=args, full_train=full_train), reference_section(rows),
+             oneshot_section(rows),
              model_file_section(rows), channel_section(rows, results), device_section(rows),
              frontier_section(rows),
              table_section(rows), commands_section(rows)]
@@ -516,6 +522,11 @@ def table_section(rows: list[dict]) -> str:
     lines.append("\nDense baselines (Keras test accuracy): "
                  + ", ".join(f"{m} {a:.4f}" for m, a in baselines)
                  + ". `train s` counts the baseline's training only in the run that trained it.")
+    shared = [r for r in rows if r.get("shared_machine")]
+    if shared:
+        lines.append(f"\nRows whose times shared the machine (the run's `{SHARED_TAG}` tag); "
+                     "their accuracies and sizes are unaffected:\n")
+        lines += [f"- {_key(r)}: {r['shared_machine']}" for r in shared]
     return "\n".join(lines) + "\n"
 
 
