@@ -238,7 +238,7 @@ class PruneConfig:
     scope: str = "global"  # global: one threshold over group-normalised scores | layer: per group
     min_channels: int = 4  # channels every group keeps at least
     # each group keeps a multiple of this many channels (rounded to the nearest): int8 kernels
-    # work in SIMD blocks of 8 or 16 channels, so 17 kept channels run as slowly as 24
+    # work in blocks of channels, so 17 kept channels cost about what 24 do (benchmarks/RESULTS.md)
     channel_multiple: int = 1
     magnitude_rate: float = 0.0  # > 0: then flat magnitude pruning, held while fine-tuning
 
