@@ -102,6 +102,12 @@ def _filter_native_stderr() -> None:
     os.close(write_end)
     os.close(read_end)
     atexit.register(_drain, real_stderr)
+    # stderr now reaches the terminal at the filter's pace. An unbuffered print() writes its
+    # text and its newline in two writes, and when stdout and stderr share a pipe a stderr line
+    # could land between them (seen in CI: Optuna's "[W ...] Trial 0 failed" glued to the end
+    # of a trial line). Line buffering writes each stdout line whole.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True, write_through=False)
 
 
 def _drain(real_stderr: int) -> None:
