@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,11 +18,21 @@ EXPERIMENT_NOTE = (
 )
 
 
+# A dense baseline stored by results.collect: '<model>-dense-<16 hex digits of its key>.h5'.
+STORED_BASELINE = re.compile(r"(?P<model>.+)-dense-(?P<key>[0-9a-f]{16})")
+
+
 def model_label(settings: Settings) -> str:
-    """Returns the model's short name, with its width multiplier when not 1, e.g. 'resnet8x0.5'."""
+    """Returns the model's short name, with its width multiplier when not 1, e.g. 'resnet8x0.5'.
+
+    A model file is named by its file; a stored baseline by its model and the key's first six
+    digits ('resnet8@7c1f1c'), short enough for the MLflow UI's name column to show the method.
+    """
     model = settings.model
-    path = getattr(model, "path", None)  # a user's model file is named by its file
+    path = getattr(model, "path", None)
     name = Path(path).stem if path else model.name
+    if stored := STORED_BASELINE.fullmatch(name):
+        name = f"{stored['model']}@{stored['key'][:6]}"
     return name if model.alpha == 1 else f"{name}x{model.alpha:g}"
 
 

@@ -29,6 +29,16 @@ def test_run_names_say_model_method_rate_and_quantization(make_cfg, overrides, n
     assert report.run_name(settings_from(make_cfg(*overrides))) == name
 
 
+def test_a_stored_baseline_file_is_named_by_its_model_and_short_key(make_cfg, tmp_path):
+    names = {}
+    for stem in ("resnet8-dense-7c1f1c4d60827d67", "my-model"):
+        settings = settings_from(make_cfg("prune=flat", "prune.rate=0.44", "quant=int8"))
+        settings.model.path = str(tmp_path / f"{stem}.h5")
+        names[stem] = report.run_name(settings)
+    assert names == {"resnet8-dense-7c1f1c4d60827d67": "resnet8@7c1f1c flat 0.44 int8",
+                     "my-model": "my-model flat 0.44 int8"}
+
+
 def test_channel_pruning_is_named_by_its_rate(make_cfg):
     settings = settings_from(make_cfg("prune=flat", "prune.rate=0.5", "quant=int8"))
     settings.prune.method = "channel"
