@@ -27,6 +27,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from src.config import PROJECT_ROOT
+from src.report import stored_baseline_name
 from src.tracking import flatten
 from src.units import KB, MB
 
@@ -212,7 +213,7 @@ def _attach_check(row: dict, client: mlflow.MlflowClient, staging: Path, results
         source = source if source.is_absolute() else PROJECT_ROOT / source
         name, sources = source.name, [source]
     else:
-        name = f"{model['name']}-dense-{key}.h5"
+        name = stored_baseline_name(model["name"], key)
         # The dense baseline is not an artifact: it is in this machine's cache, or committed.
         sources = [Path(row["config"]["paths"]["cache_dir"]) / "baselines" / str(key) /
                    "model.h5", results / "models" / name]

@@ -18,8 +18,13 @@ EXPERIMENT_NOTE = (
 )
 
 
-# A dense baseline stored by results.collect: '<model>-dense-<16 hex digits of its key>.h5'.
+# A dense baseline stored under results/models: '<model>-dense-<16 hex digits of its key>.h5'.
 STORED_BASELINE = re.compile(r"(?P<model>.+)-dense-(?P<key>[0-9a-f]{16})")
+
+
+def stored_baseline_name(model: str, key: str) -> str:
+    """Returns the file name a dense baseline is stored under (read back by STORED_BASELINE)."""
+    return f"{model}-dense-{key}.h5"
 
 
 def model_label(settings: Settings) -> str:
