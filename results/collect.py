@@ -27,7 +27,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from src.config import PROJECT_ROOT
-from src.report import stored_baseline_name
+from src.report import STORED_BASELINE, stored_baseline_name
 from src.tracking import flatten
 from src.units import KB, MB
 
@@ -153,8 +153,11 @@ def collect(experiments: list[str], uri: str, results: Path,
             if row["file"] and not (staging / row["file"]).exists():
                 shutil.copyfile(results / row["file"], _mkdir(staging / "models") /
                                 Path(row["file"]).name)
-        for row in [*rows, *kept_rows]:  # a committed model file that rows start from stays
-            _keep_model_file(row["config"]["model"], results, staging)
+        for row in [*rows, *kept_rows]:  # committed model files that rows start from stay
+            for source in committed_sources(row["config"], results):
+                target = _mkdir(staging / "models") / source.name
+                if not target.exists():
+                    shutil.copyfile(source, target)
         # Every row is read: only now are the old files replaced by the current rows'.
         shutil.rmtree(results / "models", ignore_errors=True)
         if (staging / "models").exists():
@@ -180,16 +183,18 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _keep_model_file(model: dict, results: Path, staging: Path) -> None:
-    """Stages the dense model file a model=file row loaded, when it lives in results/models/."""
-    if model["name"] != "file":
-        return
-    source = Path(model["path"])
-    source = source if source.is_absolute() else PROJECT_ROOT / source
-    if source.parent.resolve() == (results / "models").resolve() and source.exists():
-        target = _mkdir(staging / "models") / source.name
-        if not target.exists():
-            shutil.copyfile(source, target)
+def committed_sources(config: dict, results: Path) -> list[Path]:
+    """Returns the files in results/models/ a row starts from: the model file it loaded
+    (model=file) and its distillation teacher, named by path or by its cached baseline key."""
+    models = (results / "models").resolve()
+    paths = [Path(config["model"]["path"])] if config["model"]["name"] == "file" else []
+    teacher = (config.get("distill") or {}).get("teacher")
+    if teacher:
+        paths.append(Path(teacher))
+        paths += [f for f in models.glob("*.h5")
+                  if (stored := STORED_BASELINE.fullmatch(f.stem)) and stored["key"] == teacher]
+    paths = [p if p.is_absolute() else PROJECT_ROOT / p for p in paths]
+    return [p for p in paths if p.parent.resolve() == models and p.exists()]
 
 
 def _attach_check(row: dict, client: mlflow.MlflowClient, staging: Path, results: Path,

@@ -209,3 +209,17 @@ def test_collect_reads_a_server_with_proxied_artifacts_like_the_local_store(make
     assert server_run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied, not a path
     assert len(tables["server"]) == 2
     assert tables["server"] == tables["local"]
+
+
+def test_committed_model_files_and_teachers_that_rows_start_from_are_kept(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("resnet8-dense-7c1f1c4d60827d67.h5", "resnet8x1.5-dense-54abc3a6ca142f2b.h5",
+                 "other-dense-0123456789abcdef.h5"):
+        (models / name).write_bytes(b"h5")
+    config = {"model": {"name": "file", "path": str(models / "resnet8-dense-7c1f1c4d60827d67.h5")},
+              "distill": {"teacher": "54abc3a6ca142f2b"}}  # a teacher named by its cache key
+    assert sorted(p.name for p in collect.committed_sources(config, tmp_path)) == [
+        "resnet8-dense-7c1f1c4d60827d67.h5", "resnet8x1.5-dense-54abc3a6ca142f2b.h5"]
+    built_in = {"model": {"name": "resnet8"}, "distill": {"teacher": None}}
+    assert collect.committed_sources(built_in, tmp_path) == []
