@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine
+from benchmarks.common import latency_table, machine
 from src import models, quantize, speed
 from src.config import ModelConfig, PruneConfig, QuantConfig
 from src.keras_env import keras
@@ -71,14 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     source = args.model or "ResNet-8s built at the given stage widths, random weights"
     print(f"{source}, int8; LiteRT latency, batch 1, 1 thread, {args.repeats} rounds of "
           f"{args.runs} invokes per model, interleaved; {machine()}")
-    first = stats[next(iter(files))].median_ms
-    print("| model | conv widths | raw bytes | MACs | median ms | p90 ms | speed-up |")
-    print("|---|---|---|---|---|---|---|")
-    for name, found_stats in stats.items():
-        print(f"| {name} | {conv_widths(found[name])} | {len(files[name])} | "
-              f"{speed.tflite_macs(files[name])} | {found_stats.median_ms:.4f} | "
-              f"{found_stats.p90_ms:.4f} | {first / found_stats.median_ms:.2f}x |")
-
+    widths = {name: conv_widths(model) for name, model in found.items()}
+    print("\n".join(latency_table(files, stats, {"conv widths": widths}, "speed-up")))
 
 if __name__ == "__main__":
     main()

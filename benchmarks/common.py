@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 
+from src import speed
 from src.config import PROJECT_ROOT
 
 CIFAR_JPG = PROJECT_ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
@@ -53,3 +54,22 @@ def machine() -> str:
     """Returns the machine line printed with every result."""
     return (f"{date.today()} on {platform.machine()} with {os.cpu_count()} cores, "
             f"Python {platform.python_version()}")
+
+
+def latency_table(files: dict[str, bytes], stats: dict[str, speed.LatencyStats],
+                  columns: dict[str, dict[str, str]] | None = None,
+                  ratio: str = "vs first") -> list[str]:
+    """Returns a markdown table with one row per timed .tflite file: any extra columns (by
+    heading, then by file name), raw bytes, MACs, median and p90 ms, and its speed against the
+    first file."""
+    columns = columns or {}
+    first = stats[next(iter(files))].median_ms
+    lines = ["| model | " + "".join(f"{heading} | " for heading in columns)
+             + f"raw bytes | MACs | median ms | p90 ms | {ratio} |",
+             "|---" * (6 + len(columns)) + "|"]
+    for name, found in stats.items():
+        extra = "".join(f"{values[name]} | " for values in columns.values())
+        lines.append(f"| {name} | {extra}{len(files[name])} | {speed.tflite_macs(files[name])} | "
+                     f"{found.median_ms:.4f} | {found.p90_ms:.4f} | "
+                     f"{first / found.median_ms:.2f}x |")
+    return lines

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.common import machine
+from benchmarks.common import latency_table, machine
 from src import speed
 
 
@@ -29,13 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     stats = speed.compare_latency(models, args.threads, args.warmup, args.runs, args.repeats)
     print(f"LiteRT latency, batch 1, {args.threads} thread(s), {args.repeats} rounds of "
           f"{args.runs} invokes per model, interleaved; {machine()}")
-    first = stats[args.files[0].name].median_ms
-    print("| model | raw bytes | MACs | median ms | p90 ms | vs first |")
-    print("|---|---|---|---|---|---|")
-    for name, found in stats.items():
-        print(f"| {name} | {len(models[name])} | {speed.tflite_macs(models[name])} | "
-              f"{found.median_ms:.4f} | {found.p90_ms:.4f} | {first / found.median_ms:.2f}x |")
-
+    print("\n".join(latency_table(models, stats)))
 
 if __name__ == "__main__":
     main()

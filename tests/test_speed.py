@@ -106,3 +106,18 @@ def test_every_quantization_mode_exports_evaluates_and_logs_latency_and_macs(mak
     model = build(ModelConfig(name="resnet8", filters=[4, 8, 8]), 4)
     assert set(macs.values()) == {keras_macs(model)}  # quantization changes no MAC
     assert sizes["int8"] < sizes["float16"] < sizes["none"]  # the raw file, zeros and all
+
+
+def test_the_benchmarks_latency_table_gives_each_file_its_own_numbers_and_ratio():
+    from benchmarks.common import latency_table
+
+    light = to_tflite(small_model(), QuantConfig(mode="none"), calibration(12))
+    files = {"dense": light, "half": light}
+    stats = {"dense": speed.LatencyStats(2.0, 2.5, 10), "half": speed.LatencyStats(1.0, 1.2, 10)}
+    header, rule, dense, half = latency_table(files, stats, {"widths": {"dense": "8", "half": "4"}},
+                                              "speed-up")
+    assert header == "| model | widths | raw bytes | MACs | median ms | p90 ms | speed-up |"
+    assert rule == "|---|---|---|---|---|---|---|"
+    macs = speed.tflite_macs(light)
+    assert dense == f"| dense | 8 | {len(light)} | {macs} | 2.0000 | 2.5000 | 1.00x |"
+    assert half == f"| half | 4 | {len(light)} | {macs} | 1.0000 | 1.2000 | 2.00x |"
