@@ -94,10 +94,8 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
                 if checkpoint:
                     checkpoint.remove()
                 raise
-        if checkpoint:
-            if checkpoint.resumed_from_epoch:
-                tracking.set_tags({"finetune_resumed_from_epoch": checkpoint.resumed_from_epoch})
-            checkpoint.remove()  # the fine-tuned model is exported below
+        if checkpoint and checkpoint.resumed_from_epoch:
+            tracking.set_tags({"finetune_resumed_from_epoch": checkpoint.resumed_from_epoch})
         tracking.log_history("finetune", result.history)
         # The schedule in steps, as tfmot ran it (frequency may be clamped to the steps there are).
         tracking.log_params({f"prune_steps.{k}": v for k, v in result.schedule_steps.items()})
@@ -114,6 +112,8 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         metrics.update(report.size_metrics(metrics))
         tracking.log_metrics(metrics)
         tracking.log_artifacts([*files, out_dir / "config.yaml"])
+        if checkpoint:  # only now: an export stopped or failed resumes after the last epoch
+            checkpoint.remove()
         tracking.set_tags({"mlflow.note.content": report.headline(settings, metrics)})
     print("result: " + report.headline(settings, metrics, active.info.run_id), flush=True)
     return metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from src.config import compose_config, settings_from
 from tests.conftest import kill_after_epoch_2_and_rerun, runs_of
@@ -29,3 +30,25 @@ def test_killed_finetuning_resumes_at_epoch_3(tmp_path):
     assert [r.data.tags["finetune_resumed_from_epoch"] for r in finished] == ["2"]
     sparsity = finished[0].data.metrics["sparsity_global"]
     assert np.isclose(sparsity, 0.3, atol=0.02)  # the masks held through the resume
+
+
+def test_a_failed_export_keeps_the_finetuning_for_the_rerun(make_cfg, monkeypatch):
+    from src import experiment
+
+    cfg = make_cfg("prune=flat", "prune.rate=0.5", "prune.finetune_epochs=2")
+    finetune = Path(settings_from(cfg).paths.cache_dir) / "finetune"
+    measure = experiment.export_and_measure
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the converter crashed")
+
+    monkeypatch.setattr(experiment, "export_and_measure", crash)
+    with pytest.raises(RuntimeError, match="converter crashed"):
+        experiment.run(cfg)
+    assert [p.name for p in finetune.glob("*.ckpt/epoch-*")] == ["epoch-0002"]
+    monkeypatch.setattr(experiment, "export_and_measure", measure)
+    experiment.run(cfg)
+    assert not list(finetune.glob("*.ckpt"))  # removed once the run has logged its model
+    by_status = {r.info.status: r for r in runs_of(cfg)}
+    assert sorted(by_status) == ["FAILED", "FINISHED"]
+    assert by_status["FINISHED"].data.tags["finetune_resumed_from_epoch"] == "2"
