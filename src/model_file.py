@@ -49,10 +49,6 @@ _OP_REFUSED = {"print", "py_function", "numpy_function", "py_func", "load_op_lib
                "load_library", "write_file", "read_file"}
 _FUNCTION_MODULES = ("activations", "losses", "metrics", "initializers", "regularizers",
                      "constraints")
-# Search dimensions that would build another model; a loaded model has fixed architecture.
-MODEL_GROUP = "model"
-
-
 class ModelFileError(ConfigError):
     """A model file that cannot or must not be loaded; the message names the setting or file."""
 
@@ -336,13 +332,6 @@ def _store_accuracy(cache_dir: str, key: str, accuracy: float) -> None:
     staging.replace(folder / f"{key}.json")
 
 
-# --------------------------------------------------------------------------- search
-def refuse_model_dims(space: Mapping[str, str]) -> None:
-    """Raises ConfigError for a search dimension (name -> config path) that builds a model."""
-    for name, path in space.items():
-        if path == MODEL_GROUP or path.startswith(f"{MODEL_GROUP}."):
-            raise ConfigError(f"search.space.{name}.path: {path} would build another model, but "
-                              "model=file loads a trained one; drop this dimension")
 
 
 

@@ -23,6 +23,8 @@ from src.config import (
 from src.experiment import run
 from src.keras_env import keras
 from src.run import main
+from src.search.settings import refuse_model_dims, search_settings_from
+from src.search.worker import run_search
 from src.train import compile_model, ends_in_softmax
 from tests.conftest import TINY, compose_config, runs_of
 
@@ -258,10 +260,15 @@ def test_trusted_lambda_really_runs(files):
     files["marker"].unlink()
 
 
-def test_search_refuses_model_dimensions():
-    model_file.refuse_model_dims({"rate": "prune.rate", "quant": "quant"})
-    with pytest.raises(ConfigError, match=r"search.space.alpha.path: model.alpha"):
-        model_file.refuse_model_dims({"rate": "prune.rate", "alpha": "model.alpha"})
+def test_search_refuses_model_dimensions_when_the_model_is_a_file(tmp_path, files):
+    from tests.test_search import search_cfg
+
+    path = f"model.path={files['keras']}"
+    ok, _ = search_cfg(tmp_path, "search=accuracy_per_mb", "model=file", path)
+    refuse_model_dims(search_settings_from(ok).space)  # rate and quantization are fine
+    cfg, composer = search_cfg(tmp_path, "search=pareto_models", "model=file", path)
+    with pytest.raises(ConfigError, match=r"^search.space.model.path: model would build"):
+        run_search(cfg, composer)
 
 
 def test_npz_data_end_to_end(make_cfg, files, tmp_path):

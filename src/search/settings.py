@@ -174,3 +174,12 @@ def search_settings_from(cfg: DictConfig) -> SearchConfig:
     except OmegaConfBaseException as error:
         raise ConfigError(f"search: {str(error).splitlines()[0]}") from None
     return _typed(resolved, SearchConfig, "search")
+
+
+def refuse_model_dims(space: dict[str, DimensionConfig]) -> None:
+    """Raises ConfigError for a search dimension that builds a model: with model=file the trials
+    prune the loaded one, and a sampled model group or model.* value would silently replace it."""
+    for name, dim in space.items():
+        if dim.path == "model" or dim.path.startswith("model."):
+            raise ConfigError(f"search.space.{name}.path: {dim.path} would build another model, "
+                              "but model=file loads a trained one; drop this dimension")
