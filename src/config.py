@@ -200,6 +200,7 @@ class TrainConfig:
         _check(self.optimizer in ("sgd", "adam", "adamw"), "train.optimizer",
                f"must be sgd, adam or adamw, got {self.optimizer!r}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.momentum < 1, "train.momentum", f"must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(0 <= self.warmup_epochs <= self.epochs, "train.warmup_epochs",
                "must be in [0, train.epochs]")

@@ -84,6 +84,7 @@ def test_quick_experiment_is_a_diff_of_the_defaults(make_cfg):
         (["prune=tfmot", "prune.layer_types=[Conv2D,DepthwiseConv2D]"], "prune.layer_types"),
         (["train.epochs=0"], "train.epochs"),
         (["train.optimizer=rmsprop"], "train.optimizer"),
+        (["train.momentum=1.5"], "train.momentum"),
         (["+prune.unknown_key=1"], "prune.unknown_key"),
         (["data.val_fraction=1.0"], "data.val_fraction"),
         (["objective=speed"], "objective"),
