@@ -11,7 +11,7 @@ import pytest
 from src.config import ConfigError
 from src.search.objectives import OBJECTIVES, epoch_estimate
 from src.search.settings import search_settings_from
-from src.search.study import make_study
+from src.search.study import judged_settings, make_study
 from src.search.worker import run_search
 from src.summary import report
 from tests.conftest import TINY, assert_png, compose_config, runs_of
@@ -165,6 +165,20 @@ def test_reusing_a_study_name_with_other_objectives_is_refused(tmp_path):
     other, _ = search_cfg(tmp_path, "search=pareto", "search.study_name=accuracy_per_mb")
     with pytest.raises(ConfigError, match="^search.study_name: study 'accuracy_per_mb' was"):
         make_study(search_settings_from(other))
+
+
+def test_resuming_a_study_with_other_experiment_settings_is_refused(tmp_path):
+    # The README's quick search, then the same search on other data, under the default name:
+    # the new trials would be ranked and stopped early against the old study's.
+    cfg, _ = search_cfg(tmp_path, "search=accuracy_per_mb")
+    make_study(search_settings_from(cfg), judged_settings(cfg))
+    more, _ = search_cfg(tmp_path, "search=accuracy_per_mb", "search.n_trials=9",
+                         "train.verbose=0")
+    make_study(search_settings_from(more), judged_settings(more))  # the same experiment
+    other, _ = search_cfg(tmp_path, "search=accuracy_per_mb", "data.n_train=999")
+    with pytest.raises(ConfigError, match=r"^search.study_name: study 'accuracy_per_mb' ran "
+                                          r"with data.n_train=\d+, not 999; use another"):
+        make_study(search_settings_from(other), judged_settings(other))
 
 
 def test_epoch_estimates_follow_the_objective():

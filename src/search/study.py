@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import optuna
 import sqlalchemy
+from omegaconf import DictConfig, OmegaConf
 
 from src import tracking
 from src.config import ConfigError
@@ -37,8 +38,22 @@ TRIAL_STOPPERS: dict[str, Callable[[EarlyStopConfig], optuna.pruners.BasePruner]
 }
 
 
-def make_study(search: SearchConfig) -> optuna.Study:
-    """Returns the study named in search, created or resumed, checked against its objectives."""
+# Settings that do not change what a trial measures; a study may be resumed with others.
+UNJUDGED = ("search", "tracking", "paths", "hydra", "objective", "train.verbose",
+            "train.checkpoint_every")
+
+
+def judged_settings(cfg: DictConfig) -> dict[str, str]:
+    """Returns the experiment settings every trial of a study starts from, flattened to
+    'key': 'value' text, leaving out those in UNJUDGED."""
+    flat = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
+    return {key: str(value) for key, value in sorted(flat.items())
+            if not any(key == part or key.startswith(f"{part}.") for part in UNJUDGED)}
+
+
+def make_study(search: SearchConfig, settings: dict[str, str] | None = None) -> optuna.Study:
+    """Returns the study named in search, created or resumed, checked against its objectives
+    and, when given, the experiment settings (judged_settings) its trials start from."""
     try:
         study = optuna.create_study(
             study_name=search.study_name, storage=open_storage(search),
@@ -57,7 +72,27 @@ def make_study(search: SearchConfig) -> optuna.Study:
             [d.name.lower() for d in study.directions] != search.directions:
         raise ConfigError(f"search.study_name: study {search.study_name!r} was created for "
                           f"{recorded}; use another study name for {list(search.objectives)}")
+    if settings is not None:
+        _check_settings(study, search.study_name, settings)
     return study
+
+
+def _check_settings(study: optuna.Study, name: str, settings: dict[str, str]) -> None:
+    """Records the settings with the study's first worker; refuses a worker with other ones:
+    its trials would be ranked, and stopped early, against trials of another experiment."""
+    recorded = study.user_attrs.get("settings")
+    if recorded is None:
+        study.set_user_attr("settings", settings)
+        return
+    changed = sorted(set(recorded) ^ set(settings)
+                     | {key for key in set(recorded) & set(settings)
+                        if recorded[key] != settings[key]})
+    if changed:
+        key = changed[0]
+        more = f" (and {len(changed) - 1} more settings)" if len(changed) > 1 else ""
+        raise ConfigError(f"search.study_name: study {name!r} ran with {key}="
+                          f"{recorded.get(key, '(unset)')}, not {settings.get(key, '(unset)')}"
+                          f"{more}; use another study name, or the study's settings")
 
 
 def open_storage(search: SearchConfig) -> optuna.storages.RDBStorage:

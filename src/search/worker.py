@@ -18,7 +18,7 @@ from src.config import ConfigError, TrackingConfig, settings_from
 from src.search.objectives import OBJECTIVES
 from src.search.orphans import close_orphan_runs, fail_dead_trials, retry_trial
 from src.search.settings import SearchConfig, refuse_model_dims, search_settings_from
-from src.search.study import make_study
+from src.search.study import judged_settings, make_study
 from src.search.trial import Composer, run_trial
 
 TrialState = optuna.trial.TrialState
@@ -59,7 +59,7 @@ def run_search(cfg: DictConfig, compose: Composer, replay: Sequence[str] = ()) -
     if search.early_stop.rule != "none" and base.data.val_fraction == 0:
         raise ConfigError("search.early_stop.rule: trial early stopping judges validation "
                           "accuracy; set data.val_fraction > 0 or the rule to none")
-    study = make_study(search)
+    study = make_study(search, judged_settings(cfg))
     clean_up(study, search, base.tracking)
     tags = {"role": "search_worker", "study_name": search.study_name,
             "host": socket.gethostname(), "pid": str(os.getpid())}
