@@ -30,10 +30,12 @@ class Distillation:
 
 def teacher_for(cfg: DistillConfig, dense: keras.Model, dense_accuracy: float,
                 cache_dir: str | Path, x_test: np.ndarray, y_test: np.ndarray,
+                trust_code: bool = False, custom_objects: str | None = None,
                 ) -> Distillation | None:
     """Returns the configured teacher (a copy of dense by default), or None when alpha is 0.
 
-    Call it before pruning: dense is pruned in place afterwards.
+    A teacher file passes model.path's safety checks, with the run's model.trust_code and
+    model.custom_objects. Call it before pruning: dense is pruned in place afterwards.
     """
     if cfg.alpha == 0:
         return None
@@ -42,7 +44,8 @@ def teacher_for(cfg: DistillConfig, dense: keras.Model, dense_accuracy: float,
         teacher.set_weights(dense.get_weights())
         accuracy, source = dense_accuracy, "baseline"
     else:
-        teacher, source = _load_teacher(cfg.teacher, cache_dir), cfg.teacher
+        teacher = _load_teacher(cfg.teacher, cache_dir, trust_code, custom_objects)
+        source = cfg.teacher
         _check_fits(teacher, dense)
         from src.train import evaluate  # train imports this module for the Distiller
 
@@ -61,12 +64,20 @@ def check_teacher(cfg: DistillConfig, cache_dir: str | Path) -> None:
                           f"cached baseline key under {Path(cache_dir) / 'baselines'}")
 
 
-def _load_teacher(spec: str, cache_dir: str | Path) -> keras.Model:
+def _load_teacher(spec: str, cache_dir: str | Path, trust_code: bool,
+                  custom_objects: str | None) -> keras.Model:
     """Returns the teacher named by a model file path or a cached baseline key."""
+    # baseline -> train -> distill, and model_file -> baseline: import when used
+    from src.baseline import load_cached
+    from src.model_file import ModelFileError, load_model_file
+
     path = Path(spec).expanduser()
-    if path.is_file():
-        return keras.models.load_model(path, compile=False)
-    from src.baseline import load_cached  # baseline -> train -> distill: import when used
+    if path.is_file():  # a legacy .h5 can carry a Lambda's bytecode, which loading runs
+        try:
+            return load_model_file(path, trust_code, custom_objects)
+        except ModelFileError as error:
+            raise ConfigError(f"distill.teacher: {str(error).removeprefix('model.path: ')}"
+                              ) from None
 
     found = load_cached(spec, cache_dir)
     if found is None:

@@ -84,6 +84,7 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         tracking.log_history("baseline", base.history)
         teacher = distill.teacher_for(settings.distill, base.model, base.test_accuracy,
                                       settings.paths.cache_dir, dataset.x_test, dataset.y_test,
+                                      settings.model.trust_code, settings.model.custom_objects,
                                       ) if settings.prune.finetune_epochs else None
         checkpoint = finetune_checkpoint(settings, key)
         with clock("train"):  # masks or tfmot wrappers, and fine-tuning when configured

@@ -354,6 +354,16 @@ def test_lambda_file_refused_on_the_command_line(files, tmp_path):
     assert no_run_left_running(tmp_path)
 
 
+def test_a_teacher_file_passes_the_same_checks(make_cfg, files, tmp_path):
+    cfg = make_cfg("prune=flat", "prune.rate=0.5", "prune.finetune_epochs=1", "distill=kd",
+                   f"distill.teacher={files['lambda_h5']}")
+    with pytest.raises(ConfigError, match=rf"^distill.teacher: {files['lambda_h5']}: layer "
+                                          "'sneaky' is a Lambda carrying Python code, refused"):
+        run(cfg)
+    assert not files["marker"].exists()  # the Lambda's code never ran
+    assert no_run_left_running(tmp_path)
+
+
 def layer_config(**fields) -> dict:
     """Returns a stored model config with one Dense layer carrying the given fields."""
     dense = {"class_name": "Dense", "config": {"name": "d", "units": 2, **fields}}
