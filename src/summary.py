@@ -24,7 +24,9 @@ from mlflow.entities import Run
 
 from src import plots, tracking
 from src.config import ConfigError, Settings, compose_config, settings_from
+from src.search.objectives import OBJECTIVES
 from src.search.settings import SearchConfig, search_settings_from
+from src.search.trial import RECORDED
 from src.units import KB
 
 MIN_TRIALS_FOR_IMPORTANCES = 10
@@ -63,7 +65,7 @@ def study_report(study: optuna.Study, out_dir: Path, subtitle: str = "",
     multi = len(study.directions) > 1
     chosen = pareto_trials(study) if multi else best_feasible(study)
     lines.append("Pareto front (accuracy up, size down):" if multi else "Best feasible trials:")
-    lines.extend(trial_table(chosen))
+    lines.extend(trial_table(chosen, study.user_attrs.get("size", "zipped")))
     lines.extend(importance_lines(study))
     return "\n".join(lines), study_plots(study, out_dir, subtitle)
 
@@ -84,20 +86,21 @@ def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
 
 
-def trial_table(trials: list[optuna.trial.FrozenTrial]) -> list[str]:
-    """Returns a Markdown table of trials: params, accuracy, sizes, accuracy per MB."""
+def trial_table(trials: list[optuna.trial.FrozenTrial], size: str = "zipped") -> list[str]:
+    """Returns a Markdown table of trials: params, accuracy, sizes, and accuracy per MB of the
+    size the study divides by (search.size: zipped or raw)."""
     if not trials:
         return ["(no complete trial meets the constraints yet)"]
-    rows = ["| trial | tflite acc | keras acc | tflite zip KB | acc/MB | sparsity | params |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [f"| trial | tflite acc | keras acc | tflite KB | tflite zip KB | acc/MB ({size}) | "
+            "sparsity | params |",
+            "|---|---|---|---|---|---|---|---|"]
     for t in trials:
-        a = t.user_attrs
+        a = {key: math.nan for key in RECORDED} | t.user_attrs
         params = ", ".join(f"{k}={_short(v)}" for k, v in t.params.items())
-        rows.append(f"| {t.number} | {a.get('tflite_accuracy', math.nan):.4f} | "
-                    f"{a.get('test_accuracy', math.nan):.4f} | "
-                    f"{a.get('tflite_zip_bytes', math.nan) / KB:.1f} | "
-                    f"{a.get('accuracy_per_mb', math.nan):.2f} | "
-                    f"{a.get('sparsity_global', math.nan):.3f} | {params} |")
+        rows.append(f"| {t.number} | {a['tflite_accuracy']:.4f} | {a['test_accuracy']:.4f} | "
+                    f"{a['tflite_bytes'] / KB:.1f} | {a['tflite_zip_bytes'] / KB:.1f} | "
+                    f"{OBJECTIVES['accuracy_per_mb'].value(a, size):.2f} | "
+                    f"{a['sparsity_global']:.3f} | {params} |")
     return rows
 
 

@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from src import plots, report
-from src.config import PROJECT_ROOT, settings_from
+from src.config import PROJECT_ROOT, ConfigError, settings_from
 from src.summary import study_report
 from tests.conftest import assert_png
 
@@ -120,3 +120,26 @@ def test_pareto_front_keeps_only_points_nothing_beats():
     points = [plots.Point("#0", 10, 0.5), plots.Point("#1", 20, 0.7), plots.Point("#2", 15, 0.4),
               plots.Point("#3", 640, 0.71), plots.Point("#4", 30, 0.6)]
     assert [p.label for p in plots.pareto_front(points)] == ["#0", "#1", "#3"]
+
+
+def test_the_trial_table_divides_by_the_size_the_study_ranks_by(tmp_path):
+    from src.search.settings import search_settings_from
+    from src.search.study import make_study
+    from src.summary import trial_table
+    from tests.test_search import search_cfg
+
+    attrs = {"tflite_accuracy": 0.8, "test_accuracy": 0.81, "tflite_bytes": 100_000,
+             "tflite_zip_bytes": 50_000, "accuracy_per_mb": 16.0, "sparsity_global": 0.5}
+    rate = {"rate": optuna.distributions.FloatDistribution(0, 1)}
+    trial = optuna.trial.create_trial(value=8.0, params={"rate": 0.5}, distributions=rate,
+                                      user_attrs=attrs)
+    header, _, row = trial_table([trial], "raw")
+    assert "| tflite KB | tflite zip KB | acc/MB (raw) |" in header
+    assert "| 100.0 | 50.0 | 8.00 | 0.500 | rate=0.5 |" in row  # 0.8 / 0.1 MB, not the zip's 16
+    assert "| 16.00 |" in trial_table([trial])[2]
+    cfg, _ = search_cfg(tmp_path, "search=accuracy_per_mb", "search.size=raw")
+    make_study(search_settings_from(cfg))
+    zipped, _ = search_cfg(tmp_path, "search=accuracy_per_mb")
+    with pytest.raises(ConfigError, match=r"^search.size: study 'accuracy_per_mb' divides "
+                                        r"accuracy by the raw size; use another study name"):
+        make_study(search_settings_from(zipped))

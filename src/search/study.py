@@ -72,6 +72,12 @@ def make_study(search: SearchConfig, settings: dict[str, str] | None = None) -> 
             [d.name.lower() for d in study.directions] != search.directions:
         raise ConfigError(f"search.study_name: study {search.study_name!r} was created for "
                           f"{recorded}; use another study name for {list(search.objectives)}")
+    size = study.user_attrs.get("size")
+    if size is None:
+        study.set_user_attr("size", search.size)
+    elif size != search.size and "accuracy_per_mb" in search.objectives:
+        raise ConfigError(f"search.size: study {search.study_name!r} divides accuracy by the "
+                          f"{size} size; use another study name for {search.size}")
     if settings is not None:
         _check_settings(study, search.study_name, settings)
     return study
