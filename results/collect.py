@@ -65,7 +65,8 @@ def row_name(config: dict) -> str:
     if float(model.get("alpha", 1.0)) != 1.0:
         parts.append(f"a{float(model['alpha']):g}")
     parts.append(prune["method"])
-    rate = prune.get("final_sparsity") if prune["method"] == "tfmot" else prune.get("rate")
+    rate = (0.5 if prune.get("structured_2_4") else prune.get("final_sparsity")) \
+        if prune["method"] == "tfmot" else prune.get("rate")
     if rate is not None:
         parts.append(f"{float(rate):.2f}")
     if prune.get("finetune_epochs"):
@@ -272,7 +273,8 @@ def reference_section(rows: list[dict]) -> str:
                          and r["config"]["quant"]["mode"] == "int8"),
                         key=lambda r: r["config"]["prune"].get("final_sparsity") or 0)
     # The reference's tfmot row: 50% -> 90%, int8; the most accurate when several recipes ran.
-    tfmot = max((r for r in tfmot_int8 if r["config"]["prune"].get("final_sparsity") == 0.9),
+    tfmot = max((r for r in tfmot_int8 if r["config"]["prune"].get("final_sparsity") == 0.9
+                 and not r["config"]["prune"].get("structured_2_4")),
                 key=lambda r: r["tflite_accuracy"], default=None)
     if not (dense and tfmot):
         return ""

@@ -195,6 +195,8 @@ def _rate(params: dict[str, str]) -> float:
     """Returns the run's pruning rate: tfmot's final sparsity, 0 for dense."""
     method = params.get("prune.method", "none")
     if method == "tfmot":
+        if params.get("prune.structured_2_4") == "True":  # 2:4 is half, whatever the schedule
+            return 0.5
         return float(params.get("prune.final_sparsity") or 0.0)
     return float(params.get("prune.rate") or 0.0) if method != "none" else 0.0
 

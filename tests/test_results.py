@@ -223,3 +223,14 @@ def test_committed_model_files_and_teachers_that_rows_start_from_are_kept(tmp_pa
         "resnet8-dense-7c1f1c4d60827d67.h5", "resnet8x1.5-dense-54abc3a6ca142f2b.h5"]
     built_in = {"model": {"name": "resnet8"}, "distill": {"teacher": None}}
     assert collect.committed_sources(built_in, tmp_path) == []
+
+
+def test_a_2_4_row_is_named_and_plotted_at_half_sparsity():
+    from src.summary import _rate
+
+    tfmot = {"method": "tfmot", "final_sparsity": 0.9, "structured_2_4": True}
+    config = {"model": {"name": "mobilenetv2"}, "prune": tfmot, "quant": {"mode": "int8"}}
+    assert collect.row_name(config) == "mobilenetv2-tfmot-0.50-int8"
+    params = {"prune.method": "tfmot", "prune.final_sparsity": "0.9"}
+    assert _rate({**params, "prune.structured_2_4": "True"}) == 0.5
+    assert _rate({**params, "prune.structured_2_4": "False"}) == 0.9
