@@ -7,8 +7,10 @@ TensorFlow, only once Hydra has accepted the overrides.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -86,51 +88,67 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
                                       settings.paths.cache_dir, dataset.x_test, dataset.y_test,
                                       settings.model.trust_code, settings.model.custom_objects,
                                       ) if settings.prune.finetune_epochs else None
-        checkpoint = finetune_checkpoint(settings, key)
-        with clock("train"):  # masks or tfmot wrappers, and fine-tuning when configured
-            try:
-                result = prune(base.model, settings.prune, dataset, settings.train, callbacks,
-                               distill=teacher, checkpoint=checkpoint)
-            except tracking.StoppedEarly:  # a stopped trial will not be resumed
-                if checkpoint:
-                    checkpoint.remove()
-                raise
-        if checkpoint and checkpoint.resumed_from_epoch:
-            tracking.set_tags({"finetune_resumed_from_epoch": checkpoint.resumed_from_epoch})
-        tracking.log_history("finetune", result.history)
-        # The schedule in steps, as tfmot ran it (frequency may be clamped to the steps there are).
-        tracking.log_params({f"prune_steps.{k}": v for k, v in result.schedule_steps.items()})
-        out_dir = Path(settings.paths.output_dir) / "exports" / active.info.run_id
-        metrics, files = export_and_measure(result.model, settings, dataset, out_dir, clock)
-        (out_dir / "config.yaml").write_text(config_yaml)
-        for file_name, text in result.artifacts.items():  # e.g. the channel table
-            (out_dir / file_name).write_text(text)
-            files.append(out_dir / file_name)
-        metrics["baseline_test_accuracy"] = base.test_accuracy
-        if teacher:
-            metrics["teacher_test_accuracy"] = teacher.test_accuracy
-        metrics.update({f"{phase}_seconds": seconds for phase, seconds in clock.totals().items()})
-        metrics.update(report.size_metrics(metrics))
-        tracking.log_metrics(metrics)
-        tracking.log_artifacts([*files, out_dir / "config.yaml"])
-        if checkpoint:  # only now: an export stopped or failed resumes after the last epoch
-            checkpoint.remove()
-        tracking.set_tags({"mlflow.note.content": report.headline(settings, metrics)})
+        # None when fine-tuning is off, or another process fine-tunes the same settings now
+        with finetune_checkpoint(settings, key) as checkpoint:
+            with clock("train"):  # masks or tfmot wrappers, and fine-tuning when configured
+                try:
+                    result = prune(base.model, settings.prune, dataset, settings.train,
+                                   callbacks, distill=teacher, checkpoint=checkpoint)
+                except tracking.StoppedEarly:  # a stopped trial will not be resumed
+                    if checkpoint:
+                        checkpoint.remove()
+                    raise
+            if checkpoint and checkpoint.resumed_from_epoch:
+                tracking.set_tags({"finetune_resumed_from_epoch": checkpoint.resumed_from_epoch})
+            tracking.log_history("finetune", result.history)
+            # The schedule in steps, as tfmot ran it (frequency may be clamped to the steps
+            # there are).
+            tracking.log_params({f"prune_steps.{k}": v for k, v in result.schedule_steps.items()})
+            out_dir = Path(settings.paths.output_dir) / "exports" / active.info.run_id
+            metrics, files = export_and_measure(result.model, settings, dataset, out_dir, clock)
+            (out_dir / "config.yaml").write_text(config_yaml)
+            for file_name, text in result.artifacts.items():  # e.g. the channel table
+                (out_dir / file_name).write_text(text)
+                files.append(out_dir / file_name)
+            metrics["baseline_test_accuracy"] = base.test_accuracy
+            if teacher:
+                metrics["teacher_test_accuracy"] = teacher.test_accuracy
+            metrics.update({f"{phase}_seconds": seconds
+                            for phase, seconds in clock.totals().items()})
+            metrics.update(report.size_metrics(metrics))
+            tracking.log_metrics(metrics)
+            tracking.log_artifacts([*files, out_dir / "config.yaml"])
+            if checkpoint:  # only now: an export stopped or failed resumes after the last epoch
+                checkpoint.remove()
+            tracking.set_tags({"mlflow.note.content": report.headline(settings, metrics)})
     print("result: " + report.headline(settings, metrics, active.info.run_id), flush=True)
     return metrics
 
 
-def finetune_checkpoint(settings: Settings, base_key: str) -> EpochCheckpoint | None:
-    """Returns the resumable checkpoint of this run's fine-tuning, or None without one.
+@contextlib.contextmanager
+def finetune_checkpoint(settings: Settings, base_key: str) -> Iterator[EpochCheckpoint | None]:
+    """Yields the resumable checkpoint of this run's fine-tuning, or None without one.
 
     It is keyed by the dense model and the settings that shape the fine-tuned weights, so
-    the same command run again after an interruption resumes from the last saved epoch.
+    the same command run again after an interruption resumes from the last saved epoch. Jobs
+    that differ only in what the key leaves out (e.g. quant, in a parallel sweep) would write
+    one folder at once: the first holds its lock, the others fine-tune without a checkpoint.
     """
     if settings.prune.method == "none" or not settings.prune.finetune_epochs:
-        return None
+        yield None
+        return
     key = baseline.finetune_key(base_key, settings.prune, settings.train, settings.distill)
-    return EpochCheckpoint(baseline.finetune_checkpoint_dir(settings.paths.cache_dir, key),
-                           settings.train.checkpoint_every)
+    folder = baseline.finetune_checkpoint_dir(settings.paths.cache_dir, key)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with folder.with_suffix(".lock").open("w") as lock:  # released when closed, or the
+        try:                                              # process dies
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("note: another process is fine-tuning these settings now; this run "
+                  "fine-tunes without a resumable checkpoint", flush=True)
+            yield None
+            return
+        yield EpochCheckpoint(folder, settings.train.checkpoint_every)
 
 
 def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dataset,

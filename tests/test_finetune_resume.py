@@ -52,3 +52,17 @@ def test_a_failed_export_keeps_the_finetuning_for_the_rerun(make_cfg, monkeypatc
     by_status = {r.info.status: r for r in runs_of(cfg)}
     assert sorted(by_status) == ["FAILED", "FINISHED"]
     assert by_status["FINISHED"].data.tags["finetune_resumed_from_epoch"] == "2"
+
+
+def test_a_fine_tuning_running_elsewhere_keeps_its_checkpoint_to_itself(make_cfg, capsys):
+    # Parallel sweep jobs that differ only in quant share the key: one folder, one writer.
+    from src.experiment import finetune_checkpoint
+
+    settings = settings_from(make_cfg("prune=flat", "prune.rate=0.5", "prune.finetune_epochs=2"))
+    with finetune_checkpoint(settings, "k") as first:
+        assert first is not None
+        with finetune_checkpoint(settings, "k") as second:
+            assert second is None
+    assert "another process is fine-tuning these settings now" in capsys.readouterr().out
+    with finetune_checkpoint(settings, "k") as again:  # released with the first
+        assert again is not None and again.folder == first.folder
