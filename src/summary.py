@@ -210,23 +210,31 @@ def sweep_report(runs: list[Run], out_dir: Path, sweep_id: str = "") -> tuple[st
     jobs = [r for r in runs if not is_sweep_parent(r)]
     sweep_id = sweep_id or next((r.data.tags.get("sweep_id", "") for r in jobs), "")
     finished = [r for r in jobs if "tflite_accuracy" in r.data.metrics]
-    dense = [r.data.metrics["baseline_test_accuracy"] for r in finished
-             if "baseline_test_accuracy" in r.data.metrics]
-    dense_accuracy = dense[0] if dense else math.nan
+    dense = sorted({r.data.metrics["baseline_test_accuracy"] for r in finished
+                    if "baseline_test_accuracy" in r.data.metrics})
+    dense_accuracy = dense[0] if len(dense) == 1 else math.nan  # one dashed line, if one
     quant = _values(jobs, "quant.mode").replace("none", "float32")
     data_name, model = _values(jobs, "data.name"), _values(jobs, "model.name")
+    # A sweep over quantization modes or models gets one series per combination, not one
+    # line zig-zagging through them.
+    varying = [key for key in ("model.name", "quant.mode")
+               if len({r.data.params.get(key) for r in jobs}) > 1]
+
+    def label(r: Run) -> str:
+        return " ".join([r.data.params.get("prune.method", "?"), *(
+            r.data.params.get(key, "?").replace("none", "float32") for key in varying)])
+
+    shown = "/".join(f"{a:.2%}" for a in dense) or "n/a"
     lines = [f"sweep {sweep_id}: {len(jobs)} jobs ({len(finished)} finished), model {model}, "
-             f"data {data_name}, quantization {quant}, dense accuracy {dense_accuracy:.2%}",
+             f"data {data_name}, quantization {quant}, dense accuracy {shown}",
              "| job | method | rate | keras acc | tflite acc | sparsity | tflite KB | zip KB "
              "| acc/MB | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     points = []
-    order = sorted(jobs, key=lambda r: (r.data.params.get("prune.method", "~"),
-                                        _rate(r.data.params), _job(r)))
+    order = sorted(jobs, key=lambda r: (label(r), _rate(r.data.params), _job(r)))
     for r in order:
-        m, method, rate = r.data.metrics, r.data.params.get("prune.method", "?"), \
-            _rate(r.data.params)
+        m, method, rate = r.data.metrics, label(r), _rate(r.data.params)
         get = lambda key, m=m: m.get(key, math.nan)  # noqa: E731
         lines.append(f"| {_job(r)} | {method} | {rate:.2f} | {get('test_accuracy'):.4f} | "
                      f"{get('tflite_accuracy'):.4f} | {get('sparsity_global'):.3f} | "

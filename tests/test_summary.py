@@ -143,3 +143,30 @@ def test_the_trial_table_divides_by_the_size_the_study_ranks_by(tmp_path):
     with pytest.raises(ConfigError, match=r"^search.size: study 'accuracy_per_mb' divides "
                                         r"accuracy by the raw size; use another study name"):
         make_study(search_settings_from(zipped))
+
+
+def test_a_sweep_over_quantization_modes_gets_a_series_per_mode(make_cfg, tmp_path):
+    import mlflow
+
+    from src import tracking
+    from src.summary import sweep_report
+
+    settings = settings_from(make_cfg())
+    experiment_id = tracking.connect(settings.tracking)
+    client = mlflow.MlflowClient()
+    jobs = [("flat", rate, mode) for mode in ("none", "int8") for rate in (0.3, 0.7)]
+    for job, (method, rate, mode) in enumerate(jobs):
+        run = client.create_run(experiment_id, tags={"sweep_id": "s", "sweep_job": str(job)})
+        for key, value in {"prune.method": method, "prune.rate": rate, "quant.mode": mode,
+                           "model.name": "resnet8", "data.name": "synthetic"}.items():
+            client.log_param(run.info.run_id, key, value)
+        for key, value in {"tflite_accuracy": 0.8 - rate / 2, "test_accuracy": 0.8,
+                           "baseline_test_accuracy": 0.81, "tflite_zip_bytes": 9e4}.items():
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id)
+    runs = client.search_runs([experiment_id])
+    text, _ = sweep_report(runs, tmp_path)
+    header, *rows = text.splitlines()
+    assert "quantization int8/float32, dense accuracy 81.00%" in header
+    labels = [row.split("|")[2].strip() for row in rows[2:]]
+    assert labels == ["flat float32", "flat float32", "flat int8", "flat int8"]
