@@ -26,7 +26,7 @@ import mlflow
 import yaml
 from matplotlib.figure import Figure
 
-from src.config import PROJECT_ROOT
+from src.config import PROJECT_ROOT, shapes_result
 from src.report import STORED_BASELINE, stored_baseline_name
 from src.tracking import flatten
 from src.units import KB, MB
@@ -79,14 +79,10 @@ class CollectError(Exception):
     """A run or experiment that cannot be collected; the message names it."""
 
 
-# Settings that say where a run wrote or how it printed, not what it computed.
-NOT_RESULT = ("paths.", "tracking.", "train.verbose", "objective")
-
-
 def result_settings(config: dict) -> dict[str, str]:
     """Returns the config's settings that shape the result, flattened to dotted keys."""
     return {key: json.dumps(value, sort_keys=True) for key, value in flatten(config).items()
-            if not key.startswith(NOT_RESULT)}
+            if shapes_result(key)}
 
 
 def unique_names(settings: list[dict[str, str]], base: list[str]) -> list[str]:

@@ -28,6 +28,16 @@ OBJECTIVES = (
 )
 
 
+# Settings that say where a run wrote, how it printed or how often it saved, not what it
+# computed: results rows (results/collect.py) and study resumes (src/search/study.py) ignore them.
+NOT_RESULT = ("paths", "tracking", "train.verbose", "train.checkpoint_every", "objective")
+
+
+def shapes_result(key: str) -> bool:
+    """Returns whether a flattened setting ('train.lr') can change what a run computes."""
+    return not any(key == part or key.startswith(f"{part}.") for part in NOT_RESULT)
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the key."""
 

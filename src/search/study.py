@@ -11,7 +11,7 @@ import sqlalchemy
 from omegaconf import DictConfig, OmegaConf
 
 from src import tracking
-from src.config import ConfigError
+from src.config import ConfigError, shapes_result
 
 if TYPE_CHECKING:  # settings imports the tables below to name the valid choices
     from src.search.settings import EarlyStopConfig, SearchConfig
@@ -38,17 +38,12 @@ TRIAL_STOPPERS: dict[str, Callable[[EarlyStopConfig], optuna.pruners.BasePruner]
 }
 
 
-# Settings that do not change what a trial measures; a study may be resumed with others.
-UNJUDGED = ("search", "tracking", "paths", "hydra", "objective", "train.verbose",
-            "train.checkpoint_every")
-
-
 def judged_settings(cfg: DictConfig) -> dict[str, str]:
     """Returns the experiment settings every trial of a study starts from, flattened to
-    'key': 'value' text, leaving out those in UNJUDGED."""
+    'key': 'value' text: all that shape a result (config.shapes_result) but the search's own."""
     flat = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
     return {key: str(value) for key, value in sorted(flat.items())
-            if not any(key == part or key.startswith(f"{part}.") for part in UNJUDGED)}
+            if shapes_result(key) and key.split(".")[0] not in ("search", "hydra")}
 
 
 def make_study(search: SearchConfig, settings: dict[str, str] | None = None) -> optuna.Study:
