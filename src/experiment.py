@@ -45,6 +45,7 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     clock = measure.Stopwatch()
     settings = settings_from(cfg)  # bad settings fail here, before data or training
     distill.check_teacher(settings.distill, settings.paths.cache_dir)
+    tracking.connect(settings.tracking)  # a store that cannot open fails here, before the data
     keras.backend.clear_session()
     keras.utils.set_random_seed(settings.train.seed)
     # model=file: the loaded model is the baseline (own), and the data fit its input.

@@ -14,15 +14,19 @@ import mlflow
 import sqlalchemy
 from mlflow.entities import Metric, RunStatus
 
-from src.config import PROJECT_ROOT, TrackingConfig
+from src.config import PROJECT_ROOT, ConfigError, TrackingConfig
 from src.report import EXPERIMENT_NOTE
 
 
 def connect(cfg: TrackingConfig) -> str:
     """Points MLflow at the configured store and returns the experiment id."""
     mlflow.set_tracking_uri(cfg.uri)
-    with _creating(cfg.uri):
-        experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    try:
+        with _creating(cfg.uri):
+            experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    except (mlflow.exceptions.MlflowException, OSError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise ConfigError(f"tracking.uri: cannot open {safe_url(cfg.uri)} ({reason})") from None
     if experiment is not None:
         return experiment.experiment_id
     location = cfg.artifact_location

@@ -94,6 +94,8 @@ BAD_INPUT = {
                         "data.path: {tmp}/corrupt.tar.gz is not a readable"),
     "empty-class": (["data=image_folder", "data.path={tmp}/imgs"],
                     "class folder train/cat has no images"),
+    "plain-file-store": (["tracking.uri={tmp}/mlruns-folder"],  # MLflow 3.13+ refuses it
+                         "tracking.uri: cannot open {tmp}/mlruns-folder (The filesystem"),
 }
 # Through the real command: Hydra's own errors, and one of ours (each process costs seconds).
 ON_THE_COMMAND_LINE = ["rate-type", "unknown-option", "path-traversal"]
