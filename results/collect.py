@@ -27,7 +27,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from src.config import PROJECT_ROOT, shapes_result
-from src.report import STORED_BASELINE, stored_baseline_name
+from src.report import STORED_BASELINE, short_model_name, stored_baseline_name
 from src.tracking import flatten
 from src.units import KB, MB
 
@@ -315,14 +315,18 @@ def reference_section(rows: list[dict]) -> str:
 
 
 def oneshot_rows(rows: list[dict]) -> dict[tuple[str, str, float], dict]:
-    """Returns the reference figure's rows (float, flat or layer, no fine-tuning) by
-    (model, method, rate)."""
+    """Returns the reference figure's rows (float, flat or layer, no fine-tuning, one rate for
+    every layer) by (model, method, rate); a model file is named by its file
+    ('mobilenetv2@ff0d8b'), so rows of two files never land in one cell."""
     found = {}
     for row in rows:
-        prune = row["config"]["prune"]
+        prune, model = row["config"]["prune"], row["config"]["model"]
         if prune["method"] in ("flat", "layer") and not prune.get("finetune_epochs") \
-                and row["config"]["quant"]["mode"] == "none":
-            found[row["config"]["model"]["name"], prune["method"], prune["rate"]] = row
+                and row["config"]["quant"]["mode"] == "none" \
+                and not prune.get("min_density") and not prune.get("rates_from"):
+            path = model.get("path") if model["name"] == "file" else None
+            label = short_model_name(model["name"], path, float(model.get("alpha") or 1.0))
+            found[label, prune["method"], prune["rate"]] = row
     return found
 
 
@@ -371,8 +375,9 @@ def model_file_section(rows: list[dict]) -> str:
     """Returns the one-shot rows re-run from a committed dense model file (model=file) beside
     the rows trained and pruned in one go, and the wall time of that sweep."""
     oneshot = oneshot_rows(rows)
-    pairs = [(row, oneshot.get(("mobilenetv2", method, rate)))
-             for (model, method, rate), row in sorted(oneshot.items()) if model == "file"]
+    # A stored baseline's rows ('mobilenetv2@ff0d8b') beside its model's trained sweep.
+    pairs = [(row, oneshot.get((model.split("@")[0], method, rate)))
+             for (model, method, rate), row in sorted(oneshot.items()) if "@" in model]
     pairs = [(mine, theirs) for mine, theirs in pairs if theirs is not None]
     if not pairs:
         return ""

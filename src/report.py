@@ -34,11 +34,15 @@ def model_label(settings: Settings) -> str:
     digits ('resnet8@7c1f1c'), short enough for the MLflow UI's name column to show the method.
     """
     model = settings.model
-    path = getattr(model, "path", None)
-    name = Path(path).stem if path else model.name
+    return short_model_name(model.name, getattr(model, "path", None), model.alpha)
+
+
+def short_model_name(name: str, path: str | None = None, alpha: float = 1.0) -> str:
+    """Returns model_label's name from a config's model name, file path and width."""
+    name = Path(path).stem if path else name
     if stored := STORED_BASELINE.fullmatch(name):
         name = f"{stored['model']}@{stored['key'][:6]}"
-    return name if model.alpha == 1 else f"{name}x{model.alpha:g}"
+    return name if alpha == 1 else f"{name}x{alpha:g}"
 
 
 def method_label(settings: Settings) -> str:

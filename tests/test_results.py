@@ -234,3 +234,21 @@ def test_a_2_4_row_is_named_and_plotted_at_half_sparsity():
     params = {"prune.method": "tfmot", "prune.final_sparsity": "0.9"}
     assert _rate({**params, "prune.structured_2_4": "True"}) == 0.5
     assert _rate({**params, "prune.structured_2_4": "False"}) == 0.9
+
+
+def test_one_shot_rows_of_two_model_files_keep_their_own_cells():
+    def row(model: dict, accuracy: float, **prune) -> dict:
+        return {"name": "x", "test_accuracy": accuracy, "config": {
+            "model": model, "quant": {"mode": "none"},
+            "prune": {"method": "flat", "rate": 0.5, "finetune_epochs": 0, **prune}}}
+
+    stored = {"name": "file", "path": "results/models/mobilenetv2-dense-ff0d8ba43085ed5e.h5"}
+    rows = [row({"name": "mobilenetv2"}, 0.70), row(stored, 0.71),
+            row({"name": "file", "path": "mine.keras"}, 0.50),
+            row({"name": "mobilenetv2"}, 0.10, min_density=0.2)]  # not the reference figure
+    found = collect.oneshot_rows(rows)
+    assert {key: r["test_accuracy"] for key, r in found.items()} == {
+        ("mobilenetv2", "flat", 0.5): 0.70, ("mobilenetv2@ff0d8b", "flat", 0.5): 0.71,
+        ("mine", "flat", 0.5): 0.50}
+    section = collect.model_file_section(rows)  # the stored baseline beside its trained sweep
+    assert "| flat | 0.5 | 0.7100 | 0.7000 | +1.00 |" in section and "0.5000" not in section
