@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from ai_edge_litert.interpreter import Interpreter
 from omegaconf import OmegaConf
 
 from src import data
@@ -63,6 +64,10 @@ def _check_row(row: dict, settings, dataset: data.Dataset, results: Path, tolera
     label = f"{row['experiment']} / {row['name']}"
     if row["check"] == "tflite":
         payload = (results / row["file"]).read_bytes()
+        if settings.model.name == "file":  # the data as the run fed it: the file's input
+            _, height, width, channels = Interpreter(model_content=payload) \
+                .get_input_details()[0]["shape"]
+            dataset = _fitted(dataset, settings, (height, width, channels))
         accuracy = evaluate_tflite(payload, dataset.x_test, dataset.y_test)
         ok = abs(accuracy - row["tflite_accuracy"]) <= tolerance \
             and len(payload) == row["tflite_bytes"]
@@ -77,12 +82,20 @@ def _check_row(row: dict, settings, dataset: data.Dataset, results: Path, tolera
             dense[path] = model, model.get_weights()
         model, weights = dense[path]
         model.set_weights(weights)  # undo the previous row's pruning
+        if settings.model.name == "file":
+            dataset = _fitted(dataset, settings, model.input_shape[1:])
         pruned = prune(model, settings.prune, dataset, settings.train).model
         accuracy = evaluate(pruned, dataset.x_test, dataset.y_test)
         ok = abs(accuracy - row["test_accuracy"]) <= tolerance
         return (f"{'ok  ' if ok else 'FAIL'} {label}: Keras accuracy {accuracy:.4f} "
                 f"(table {row['test_accuracy']:.4f}), re-pruned from {row['file']}")
     return f"FAIL {label}: nothing committed to re-evaluate it with"
+
+
+def _fitted(dataset: data.Dataset, settings, shape) -> data.Dataset:
+    """Returns the data resized and scaled to a model file's input, as model=file runs fit it."""
+    height, width, channels = (int(d) if d else None for d in shape)
+    return data.fit_to_input(dataset, height, width, channels or 3, settings.model.input_scale)
 
 
 def main() -> None:

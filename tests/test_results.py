@@ -252,3 +252,15 @@ def test_one_shot_rows_of_two_model_files_keep_their_own_cells():
         ("mine", "flat", 0.5): 0.50}
     section = collect.model_file_section(rows)  # the stored baseline beside its trained sweep
     assert "| flat | 0.5 | 0.7100 | 0.7000 | +1.00 |" in section and "0.5000" not in section
+
+
+def test_check_feeds_a_model_file_row_the_data_as_its_run_did(make_cfg, tmp_path):
+    from src.config import settings_from
+    from src.data import load
+
+    settings = settings_from(make_cfg("model=file", f"model.path={tmp_path / 'm.keras'}",
+                                      "model.input_scale=unit"))
+    dataset = load(settings.data, tmp_path)
+    fitted = check._fitted(dataset, settings, (16, 16, None))
+    assert fitted.x_test.shape[1:] == (16, 16, 3)
+    assert fitted.x_test.dtype == "float32" and 0 <= fitted.x_test.min() <= fitted.x_test.max() <= 1
