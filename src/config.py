@@ -33,9 +33,14 @@ OBJECTIVES = (
 NOT_RESULT = ("paths", "tracking", "train.verbose", "train.checkpoint_every", "objective")
 
 
+def under(key: str, *parts: str) -> bool:
+    """Returns whether a dotted setting is one of parts or inside one ('train.lr' is in 'train')."""
+    return any(key == part or key.startswith(f"{part}.") for part in parts)
+
+
 def shapes_result(key: str) -> bool:
     """Returns whether a flattened setting ('train.lr') can change what a run computes."""
-    return not any(key == part or key.startswith(f"{part}.") for part in NOT_RESULT)
+    return not under(key, *NOT_RESULT)
 
 
 class ConfigError(ValueError):

@@ -23,7 +23,7 @@ import optuna
 from mlflow.entities import Run
 
 from src import plots, tracking
-from src.config import ConfigError, Settings, compose_config, settings_from
+from src.config import ConfigError, Settings, compose_config, settings_from, under
 from src.search.objectives import OBJECTIVES
 from src.search.settings import SearchConfig, search_settings_from
 from src.search.trial import RECORDED
@@ -44,7 +44,7 @@ COST_AXES = {
 
 def study_subtitle(settings: Settings, search: SearchConfig) -> str:
     """Returns the data set and quantization a study ran on, e.g. 'cifar10, int8'."""
-    searched = any(d.path.split(".")[0] == "quant" for d in search.space.values())
+    searched = any(under(d.path, "quant") for d in search.space.values())
     quant = "quantization searched" if searched else (
         "float32" if settings.quant.mode == "none" else settings.quant.mode)
     return f"{settings.data.name}, {quant}"

@@ -25,6 +25,7 @@ from src.config import (
     _check,
     _check_fraction,
     _typed,
+    under,
 )
 from src.search.objectives import OBJECTIVES, SIZES
 from src.search.study import SAMPLERS, TRIAL_STOPPERS
@@ -180,6 +181,6 @@ def refuse_model_dims(space: dict[str, DimensionConfig]) -> None:
     """Raises ConfigError for a search dimension that builds a model: with model=file the trials
     prune the loaded one, and a sampled model group or model.* value would silently replace it."""
     for name, dim in space.items():
-        if dim.path == "model" or dim.path.startswith("model."):
+        if under(dim.path, "model"):
             raise ConfigError(f"search.space.{name}.path: {dim.path} would build another model, "
                               "but model=file loads a trained one; drop this dimension")

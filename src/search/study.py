@@ -11,7 +11,7 @@ import sqlalchemy
 from omegaconf import DictConfig, OmegaConf
 
 from src import tracking
-from src.config import ConfigError, shapes_result
+from src.config import ConfigError, shapes_result, under
 
 if TYPE_CHECKING:  # settings imports the tables below to name the valid choices
     from src.search.settings import EarlyStopConfig, SearchConfig
@@ -43,7 +43,7 @@ def judged_settings(cfg: DictConfig) -> dict[str, str]:
     'key': 'value' text: all that shape a result (config.shapes_result) but the search's own."""
     flat = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
     return {key: str(value) for key, value in sorted(flat.items())
-            if shapes_result(key) and key.split(".")[0] not in ("search", "hydra")}
+            if shapes_result(key) and not under(key, "search", "hydra")}
 
 
 def make_study(search: SearchConfig, settings: dict[str, str] | None = None) -> optuna.Study:
@@ -85,9 +85,8 @@ def _check_settings(study: optuna.Study, name: str, settings: dict[str, str]) ->
     if recorded is None:
         study.set_user_attr("settings", settings)
         return
-    changed = sorted(set(recorded) ^ set(settings)
-                     | {key for key in set(recorded) & set(settings)
-                        if recorded[key] != settings[key]})
+    changed = sorted(key for key in set(recorded) | set(settings)
+                     if recorded.get(key) != settings.get(key))
     if changed:
         key = changed[0]
         more = f" (and {len(changed) - 1} more settings)" if len(changed) > 1 else ""
