@@ -6,9 +6,11 @@ import importlib.util
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -81,6 +83,15 @@ def make_bad_inputs(tmp_path: Path) -> None:
     make_empty_class(tmp_path)
 
 
+def closed_port() -> int:
+    """A localhost port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+NO_SERVER = f"http://127.0.0.1:{closed_port()}"
+
 # Refused by Hydra while composing, or by our checks (ConfigError, DataError) in main.
 BAD_INPUT = {
     "rate-type": (["prune=flat", "prune.rate=abc"], "full_key: prune.rate"),
@@ -96,6 +107,8 @@ BAD_INPUT = {
                     "class folder train/cat has no images"),
     "plain-file-store": (["tracking.uri={tmp}/mlruns-folder"],  # MLflow 3.13+ refuses it
                          "tracking.uri: cannot open {tmp}/mlruns-folder (The filesystem"),
+    "no-tracking-server": ([f"tracking.uri={NO_SERVER}"],
+                           f"tracking.uri: cannot open {NO_SERVER} (Connection refused)"),
 }
 # Through the real command: Hydra's own errors, and one of ours (each process costs seconds).
 ON_THE_COMMAND_LINE = ["rate-type", "unknown-option", "path-traversal"]
@@ -130,6 +143,15 @@ def test_bad_input_ends_main_with_one_clear_line(make_cfg, tmp_path, capsys, cas
     assert "Traceback" not in message
     assert "Epoch 1" not in capsys.readouterr().out  # failed before any training
     assert no_run_left_running(tmp_path)
+
+
+def test_an_unreachable_tracking_server_is_reported_in_seconds():
+    # MLflow retries a refused connection for about four minutes before it gives up.
+    started = time.monotonic()
+    with pytest.raises(tracking.ConfigError, match="Connection refused"):
+        tracking.connect(settings_from(compose_config([f"tracking.uri={NO_SERVER}"])).tracking)
+    assert time.monotonic() - started < 2 * tracking.FIRST_CONTACT_TIMEOUT
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # only the first contact
 
 
 TINY_CLI = [*TINY["data"], *TINY["model"], *TINY["train"]]
