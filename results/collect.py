@@ -320,14 +320,20 @@ def oneshot_rows(rows: list[dict]) -> dict[tuple[str, str, float], dict]:
     ('mobilenetv2@ff0d8b'), so rows of two files never land in one cell."""
     found = {}
     for row in rows:
-        prune, model = row["config"]["prune"], row["config"]["model"]
+        prune = row["config"]["prune"]
         if prune["method"] in ("flat", "layer") and not prune.get("finetune_epochs") \
                 and row["config"]["quant"]["mode"] == "none" \
                 and not prune.get("min_density") and not prune.get("rates_from"):
-            path = model.get("path") if model["name"] == "file" else None
-            label = short_model_name(model["name"], path, float(model.get("alpha") or 1.0))
-            found[label, prune["method"], prune["rate"]] = row
+            found[model_label(row), prune["method"], prune["rate"]] = row
     return found
+
+
+def model_label(row: dict) -> str:
+    """Returns the row's model as the reports name it: 'resnet8', 'resnet8x1.5', or for a model
+    file its file ('resnet8@7c1f1c' for a stored baseline)."""
+    model = row["config"]["model"]
+    path = model.get("path") if model["name"] == "file" else None
+    return short_model_name(model["name"], path, float(model.get("alpha") or 1.0))
 
 
 def oneshot_section(rows: list[dict]) -> str:
@@ -527,7 +533,7 @@ def table_section(rows: list[dict]) -> str:
             f"{r['model_bytes'] / MB:.2f} | {r['model_zip_bytes'] / MB:.2f} | "
             f"{r['tflite_bytes'] / KB:.1f} | {r['tflite_zip_bytes'] / KB:.1f} | "
             f"{r['train_seconds'] or 0:.0f} | {source} |")
-    baselines = sorted({(r["config"]["model"]["name"], r["baseline_test_accuracy"]) for r in rows})
+    baselines = sorted({(model_label(r), r["baseline_test_accuracy"]) for r in rows})
     lines.append("\nDense baselines (Keras test accuracy): "
                  + ", ".join(f"{m} {a:.4f}" for m, a in baselines)
                  + ". `train s` counts the baseline's training only in the run that trained it.")
