@@ -10,14 +10,12 @@ A fine-tuning after pruning is resumable the same way, from ``finetune/<key>.ckp
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from src.checkpoint import EpochCheckpoint
 from src.config import DataConfig, DistillConfig, ModelConfig, PruneConfig, TrainConfig
 from src.data import Dataset
 from src.keras_env import keras, tf
+from src.locks import file_lock
 from src.models import build
 from src.train import RECIPE_VERSION, evaluate, fit
 
@@ -113,7 +112,7 @@ def load_or_train(key: str, cache_dir: str | Path, data: Dataset, model_cfg: Mod
     entry = Path(cache_dir) / "baselines" / key
     found = _load(entry, key)
     if not found:
-        with _locked(entry.with_suffix(".lock")):
+        with file_lock(entry.with_suffix(".lock")):
             found = _load(entry, key)  # another worker may have finished it while we waited
             if not found:
                 return _train_and_store(entry, key, data, model_cfg, train_cfg, callbacks)
@@ -175,15 +174,5 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Holds an exclusive lock so concurrent workers train a missing baseline once."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 

@@ -8,7 +8,6 @@ TensorFlow, only once Hydra has accepted the overrides.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from src import (
 from src.checkpoint import EpochCheckpoint
 from src.config import Settings, settings_from
 from src.keras_env import keras
+from src.locks import file_lock
 from src.prune import prune
 from src.train import evaluate
 
@@ -140,16 +140,11 @@ def finetune_checkpoint(settings: Settings, base_key: str) -> Iterator[EpochChec
         return
     key = baseline.finetune_key(base_key, settings.prune, settings.train, settings.distill)
     folder = baseline.finetune_checkpoint_dir(settings.paths.cache_dir, key)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with folder.with_suffix(".lock").open("w") as lock:  # released when closed, or the
-        try:                                              # process dies
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with file_lock(folder.with_suffix(".lock"), wait=False) as held:
+        if not held:
             print("note: another process is fine-tuning these settings now; this run "
                   "fine-tunes without a resumable checkpoint", flush=True)
-            yield None
-            return
-        yield EpochCheckpoint(folder, settings.train.checkpoint_every)
+        yield EpochCheckpoint(folder, settings.train.checkpoint_every) if held else None
 
 
 def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dataset,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import subprocess
@@ -17,6 +16,7 @@ import sqlalchemy
 from mlflow.entities import Metric, RunStatus
 
 from src.config import PROJECT_ROOT, ConfigError, TrackingConfig
+from src.locks import file_lock
 from src.report import EXPERIMENT_NOTE
 
 
@@ -73,21 +73,12 @@ def _impatient(uri: str) -> Iterator[None]:
             os.environ.pop(name, None)
 
 
-@contextlib.contextmanager
-def _creating(uri: str) -> Iterator[None]:
-    """Holds a file lock while a new sqlite store is created: MLflow's schema migrations,
-    run by two processes at once (parallel sweep jobs), fail."""
+def _creating(uri: str) -> contextlib.AbstractContextManager:
+    """A file lock while a new sqlite store is created: MLflow's schema migrations, run by
+    two processes at once (parallel sweep jobs), fail."""
     if not uri.startswith("sqlite:///"):
-        yield
-        return
-    database = Path(uri.removeprefix("sqlite:///"))
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{database}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        return contextlib.nullcontext()
+    return file_lock(Path(uri.removeprefix("sqlite:///") + ".lock"))
 
 
 class StoppedEarly(Exception):
