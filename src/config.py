@@ -183,10 +183,11 @@ class ModelConfig:
 # ---------------------------------------------------------------------------- train
 @dataclass
 class AugmentConfig:
-    """Training augmentation: padded random crop and horizontal flip."""
+    """Training augmentation: random rotation, padded random crop and horizontal flip."""
 
     crop_padding: int = 4  # pad then random crop back; 0 turns it off
     flip: bool = True
+    rotation: float = 0.0  # degrees: each image turned by a random angle within +-rotation
 
 
 @dataclass
@@ -200,7 +201,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4  # decoupled, applied by the optimizer
     warmup_epochs: float = 1.0
-    schedule: str = "cosine"  # cosine | constant, after the warm-up
+    schedule: str = "cosine"  # cosine | constant | exponential, after the warm-up
+    lr_decay: float = 0.99  # exponential: the rate is multiplied by this after every epoch
     label_smoothing: float = 0.1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
@@ -219,10 +221,13 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(0 <= self.warmup_epochs <= self.epochs, "train.warmup_epochs",
                "must be in [0, train.epochs]")
-        _check(self.schedule in ("cosine", "constant"), "train.schedule",
-               f"must be cosine or constant, got {self.schedule!r}")
+        _check(self.schedule in ("cosine", "constant", "exponential"), "train.schedule",
+               f"must be cosine, constant or exponential, got {self.schedule!r}")
+        _check(0 < self.lr_decay <= 1, "train.lr_decay", f"must be in (0, 1], got {self.lr_decay}")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
         _check(self.augment.crop_padding >= 0, "train.augment.crop_padding", "must be >= 0")
+        _check(0 <= self.augment.rotation <= 180, "train.augment.rotation",
+               f"must be in [0, 180] degrees, got {self.augment.rotation}")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
 
 

@@ -21,7 +21,8 @@ GROUP_OPTIONS = {
     "tracking": ["mlflow"],
     "measure": ["default"],
     "paths": ["default"],
-    "experiment": ["quick", "reference_oneshot", "reference_tfmot", "frontier_resnet8"],
+    "experiment": ["quick", "reference_oneshot", "reference_tfmot", "frontier_resnet8",
+                   "mlperf_resnet8"],
     "search": ["accuracy_per_mb", "pareto", "pareto_models", "device"],
 }
 
@@ -85,6 +86,9 @@ def test_quick_experiment_is_a_diff_of_the_defaults(make_cfg):
         (["train.epochs=0"], "train.epochs"),
         (["train.optimizer=rmsprop"], "train.optimizer"),
         (["train.momentum=1.5"], "train.momentum"),
+        (["train.schedule=step"], "train.schedule"),
+        (["train.lr_decay=0"], "train.lr_decay"),
+        (["train.augment.rotation=-5"], "train.augment.rotation"),
         (["+prune.unknown_key=1"], "prune.unknown_key"),
         (["data.val_fraction=1.0"], "data.val_fraction"),
         (["objective=speed"], "objective"),

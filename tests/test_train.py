@@ -33,6 +33,40 @@ def test_schedule_warms_up_then_decays_to_zero_or_holds():
     assert float(no_warmup(0)) == pytest.approx(0.1)
 
 
+def test_exponential_schedule_multiplies_the_rate_once_per_epoch_after_the_warm_up():
+    cfg = TrainConfig(schedule="exponential", lr_decay=0.5)
+    warm = train.make_schedule(cfg, 0.1, 10, 10, 1)  # 10 steps per epoch, one of warm-up
+    assert float(warm(0)) == pytest.approx(0.01)  # warms up like the cosine
+    assert [float(warm(s)) for s in (10, 19, 20, 35)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
+    cold = train.make_schedule(cfg, 0.1, 10, 10, 0)
+    assert [float(cold(s)) for s in (0, 9, 10, 20)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
+
+
+def test_rotation_turns_each_image_about_its_centre():
+    images = np.arange(2 * 5 * 5 * 1, dtype=np.float32).reshape(2, 5, 5, 1)
+    turned = train.rotate(images, np.array([np.pi / 2, 0.0], np.float32)).numpy()
+    assert np.allclose(turned[0, ..., 0], np.rot90(images[0, ..., 0]), atol=1e-3)  # ccw
+    assert np.allclose(turned[1], images[1])
+    cfg = TrainConfig(batch_size=64, augment=AugmentConfig(crop_padding=0, flip=False,
+                                                           rotation=15))
+    x = np.random.default_rng(0).integers(0, 255, (64, 8, 8, 3), dtype=np.uint8)
+    batch, _ = next(iter(train.input_pipeline(x, np.zeros(64, int), 2, cfg, training=True)))
+    shuffled_back = np.sort(batch.numpy().reshape(64, -1).sum(1))
+    assert batch.shape == x.shape
+    assert not np.allclose(shuffled_back, np.sort(x.reshape(64, -1).sum(1).astype(float)))
+    evaluation, _ = next(iter(train.input_pipeline(x, np.zeros(64, int), 2, cfg, False)))
+    assert np.array_equal(evaluation.numpy(), x.astype(np.float32))  # only training rotates
+
+
+def test_mlperf_experiment_is_the_reference_recipe(make_cfg):
+    settings = settings_from(make_cfg("experiment=mlperf_resnet8", tiny=False))
+    t = settings.train
+    assert (settings.model.name, settings.quant.mode) == ("resnet8", "int8")
+    assert (t.optimizer, t.lr, t.schedule, t.lr_decay, t.batch_size, t.warmup_epochs) == \
+        ("adam", 0.001, "exponential", 0.99, 32, 0.0)
+    assert (t.augment.rotation, t.augment.crop_padding, t.augment.flip) == (15.0, 3, True)
+
+
 def _tiny_fit(cfg: TrainConfig, folder: Path, epochs: int, model=None):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (64, 8, 8, 3), dtype=np.uint8)
