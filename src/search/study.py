@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import sqlalchemy
@@ -60,17 +60,13 @@ def make_study(search: SearchConfig, settings: dict[str, str] | None = None) -> 
         reason = str(getattr(error, "orig", error)).splitlines()[0]
         raise ConfigError(f"search.storage: cannot open {tracking.safe_url(search.storage)} "
                           f"({reason})") from None
-    recorded = study.user_attrs.get("objectives")
-    if recorded is None:
-        study.set_user_attr("objectives", list(search.objectives))
-    elif recorded != list(search.objectives) or \
-            [d.name.lower() for d in study.directions] != search.directions:
+    recorded = _recorded_first(study, "objectives", list(search.objectives))
+    if recorded is not None and (recorded != list(search.objectives) or
+                                 [d.name.lower() for d in study.directions] != search.directions):
         raise ConfigError(f"search.study_name: study {search.study_name!r} was created for "
                           f"{recorded}; use another study name for {list(search.objectives)}")
-    size = study.user_attrs.get("size")
-    if size is None:
-        study.set_user_attr("size", search.size)
-    elif size != search.size and "accuracy_per_mb" in search.objectives:
+    size = _recorded_first(study, "size", search.size)
+    if size not in (None, search.size) and "accuracy_per_mb" in search.objectives:
         raise ConfigError(f"search.size: study {search.study_name!r} divides accuracy by the "
                           f"{size} size; use another study name for {search.size}")
     if settings is not None:
@@ -78,12 +74,20 @@ def make_study(search: SearchConfig, settings: dict[str, str] | None = None) -> 
     return study
 
 
-def _check_settings(study: optuna.Study, name: str, settings: dict[str, str]) -> None:
-    """Records the settings with the study's first worker; refuses a worker with other ones:
-    its trials would be ranked, and stopped early, against trials of another experiment."""
-    recorded = study.user_attrs.get("settings")
+def _recorded_first(study: optuna.Study, name: str, value: Any) -> Any:
+    """Returns what the study's first worker recorded under name, or None when this worker is
+    the first (it records value): what a study compares its trials by cannot change later."""
+    recorded = study.user_attrs.get(name)
     if recorded is None:
-        study.set_user_attr("settings", settings)
+        study.set_user_attr(name, value)
+    return recorded
+
+
+def _check_settings(study: optuna.Study, name: str, settings: dict[str, str]) -> None:
+    """Refuses a worker whose settings differ from the study's first worker's: its trials
+    would be ranked, and stopped early, against trials of another experiment."""
+    recorded = _recorded_first(study, "settings", settings)
+    if recorded is None:
         return
     changed = sorted(key for key in set(recorded) | set(settings)
                      if recorded.get(key) != settings.get(key))
