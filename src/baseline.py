@@ -20,7 +20,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from src.checkpoint import EpochCheckpoint
-from src.config import DataConfig, DistillConfig, ModelConfig, PruneConfig, TrainConfig
+from src.config import (
+    DataConfig,
+    DistillConfig,
+    ModelConfig,
+    PruneConfig,
+    TrainConfig,
+    without_added_defaults,
+)
 from src.data import Dataset
 from src.keras_env import keras, tf
 from src.locks import file_lock
@@ -66,7 +73,7 @@ def baseline_key(data: Dataset, data_cfg: DataConfig, model_cfg: ModelConfig,
         "data_fingerprint": data.train_fingerprint,
         "data": _without(asdict(data_cfg), RUNTIME_ONLY["data"]),
         "model": asdict(model_cfg),
-        "train": _without(asdict(train_cfg), RUNTIME_ONLY["train"]),
+        "train": _recipe(train_cfg),
     }
     return content_key(content)
 
@@ -80,6 +87,11 @@ def _without(settings: dict, keys: Sequence[str]) -> dict:
     return {k: v for k, v in settings.items() if k not in keys}
 
 
+def _recipe(train_cfg: TrainConfig) -> dict:
+    """The train settings that shape the weights, as cache keys have always hashed them."""
+    return without_added_defaults(_without(asdict(train_cfg), RUNTIME_ONLY["train"]), "train.")
+
+
 def checkpoint_dir(cache_dir: str | Path, key: str) -> Path:
     """Returns the folder holding the resumable checkpoint of the baseline being trained."""
     return Path(cache_dir) / "baselines" / f"{key}.ckpt"
@@ -91,7 +103,7 @@ def finetune_key(base_key: str, prune_cfg: PruneConfig, train_cfg: TrainConfig,
     baseline key) and the settings that shape the weights it trains."""
     content = {"version": CACHE_VERSION, "recipe_version": RECIPE_VERSION, "baseline": base_key,
                "prune": asdict(prune_cfg), "distill": asdict(distill_cfg),
-               "train": _without(asdict(train_cfg), RUNTIME_ONLY["train"])}
+               "train": _recipe(train_cfg)}
     return content_key(content)
 
 
@@ -172,7 +184,3 @@ def _load(entry: Path, key: str) -> Baseline | None:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-
-

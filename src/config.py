@@ -33,6 +33,25 @@ OBJECTIVES = (
 NOT_RESULT = ("paths", "tracking", "train.verbose", "train.checkpoint_every", "objective")
 
 
+# Settings added after baselines were cached, studies started and results recorded, with the
+# value that leaves behaviour as it was: left out of cache keys, a study's recorded settings
+# and results rows while at that value, so what was recorded before still matches.
+ADDED_LATER = {"train.augment.rotation": 0.0, "train.lr_decay": 0.99}
+
+
+def without_added_defaults(settings: dict, prefix: str = "") -> dict:
+    """Returns settings (nested, or flattened to dotted keys) without the ADDED_LATER ones at
+    their neutral value; prefix is the dotted path of a nested part ('train.')."""
+    kept = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            kept[key] = without_added_defaults(value, f"{name}.")
+        elif name not in ADDED_LATER or value != ADDED_LATER[name]:
+            kept[key] = value
+    return kept
+
+
 def under(key: str, *parts: str) -> bool:
     """Returns whether a dotted setting is one of parts or inside one ('train.lr' is in 'train')."""
     return any(key == part or key.startswith(f"{part}.") for part in parts)

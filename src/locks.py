@@ -23,7 +23,11 @@ def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
     with path.open("w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            held = True
         except BlockingIOError:
-            yield False
-            return
-        yield True
+            held = False
+        try:
+            yield held
+        finally:
+            if held:  # explicitly: a forked child sharing the handle would keep it otherwise
+                fcntl.flock(handle, fcntl.LOCK_UN)

@@ -23,12 +23,14 @@ from src.report import EXPERIMENT_NOTE
 def connect(cfg: TrackingConfig) -> str:
     """Points MLflow at the configured store and returns the experiment id."""
     mlflow.set_tracking_uri(cfg.uri)
+    patience = contextlib.nullcontext() if cfg.uri in _ANSWERED else _impatient(cfg.uri)
     try:
-        with _creating(cfg.uri), _impatient(cfg.uri):
+        with _creating(cfg.uri), patience:
             experiment = mlflow.get_experiment_by_name(cfg.experiment)
     except (mlflow.exceptions.MlflowException, OSError) as error:
         reason = _reason(error)
         raise ConfigError(f"tracking.uri: cannot open {safe_url(cfg.uri)} ({reason})") from None
+    _ANSWERED.add(cfg.uri)
     if experiment is not None:
         return experiment.experiment_id
     location = cfg.artifact_location
@@ -51,10 +53,12 @@ def _reason(error: Exception) -> str:
     return (text.splitlines() or [type(error).__name__])[0][:300]
 
 
-# A tracking server's first answer: one try of FIRST_CONTACT_TIMEOUT seconds, so a wrong or
-# unreachable tracking.uri fails in seconds instead of after MLflow's retries (about four
-# minutes). Later calls keep MLflow's retries, which ride out a blip during a long training.
+# A tracking server's first answer in a process: one try of FIRST_CONTACT_TIMEOUT seconds, so
+# a wrong or unreachable tracking.uri fails in seconds instead of after MLflow's retries (about
+# four minutes). Once a store has answered (_ANSWERED), every call keeps MLflow's retries, which
+# ride out a blip during a long training or between search trials.
 FIRST_CONTACT_TIMEOUT = 10
+_ANSWERED: set[str] = set()
 
 
 @contextlib.contextmanager

@@ -154,6 +154,26 @@ def test_an_unreachable_tracking_server_is_reported_in_seconds():
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # only the first contact
 
 
+def test_only_the_first_contact_with_a_tracking_server_is_impatient(monkeypatch):
+    # Later calls (after every search trial, at the end of a sweep) keep MLflow's retries.
+    seen = []
+
+    def answer(name):
+        seen.append(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"))
+        return mlflow.entities.Experiment("1", name, "", "active")
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", answer)
+    monkeypatch.setattr(tracking, "_ANSWERED", set())
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    server = settings_from(compose_config(["tracking.uri=http://tracking.example:5000"]))
+    assert [tracking.connect(server.tracking) for _ in range(2)] == ["1", "1"]
+    assert seen == ["0", None]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # the user's own setting stays
+    tracking._ANSWERED.clear()
+    tracking.connect(server.tracking)
+    assert seen[-1] == "3" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+
+
 TINY_CLI = [*TINY["data"], *TINY["model"], *TINY["train"]]
 
 

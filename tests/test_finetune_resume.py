@@ -66,3 +66,15 @@ def test_a_fine_tuning_running_elsewhere_keeps_its_checkpoint_to_itself(make_cfg
     assert "another process is fine-tuning these settings now" in capsys.readouterr().out
     with finetune_checkpoint(settings, "k") as again:  # released with the first
         assert again is not None and again.folder == first.folder
+
+
+def test_file_lock_waits_or_reports_who_holds_it(tmp_path):
+    from src.locks import file_lock
+
+    lock = tmp_path / "folder" / "x.lock"  # the folder is created
+    with file_lock(lock) as held:
+        assert held
+        with file_lock(lock, wait=False) as second:
+            assert not second
+    with file_lock(lock, wait=False) as again:  # released with the block
+        assert again

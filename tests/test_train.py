@@ -14,7 +14,14 @@ import pytest
 
 from src import baseline, train
 from src.checkpoint import EpochCheckpoint
-from src.config import PROJECT_ROOT, AugmentConfig, TrainConfig, compose_config, settings_from
+from src.config import (
+    PROJECT_ROOT,
+    AugmentConfig,
+    TrainConfig,
+    compose_config,
+    settings_from,
+    without_added_defaults,
+)
 from src.data import load
 from src.keras_env import keras
 from tests.conftest import TINY, kill_after_epoch_2_and_rerun, runs_of
@@ -143,8 +150,21 @@ def test_cache_key_covers_what_shapes_the_weights_only(make_cfg, monkeypatch):
     assert _key(make_cfg, "train.lr=0.05") != key  # the recipe
     assert _key(make_cfg, "++data.limit_train=100") != key  # the training data
     assert _key(make_cfg, "model.filters=[4,8,16]") != key  # the architecture
+    assert _key(make_cfg, "train.augment.rotation=15") != key  # a setting added later, used
     monkeypatch.setattr(baseline, "RECIPE_VERSION", baseline.RECIPE_VERSION + 1)
     assert _key(make_cfg) != key  # training code that learns differently
+
+
+def test_settings_added_later_leave_earlier_keys_as_they_were():
+    # Baselines cached, studies started and results recorded before train.lr_decay and
+    # train.augment.rotation existed must still match while those are at their neutral value.
+    recipe = baseline._recipe(TrainConfig())
+    assert "lr_decay" not in recipe and "rotation" not in recipe["augment"]
+    assert baseline._recipe(TrainConfig(augment=AugmentConfig(rotation=15)))["augment"][
+        "rotation"] == 15
+    flat = {"train.lr_decay": 0.99, "train.augment.rotation": 0.0, "train.lr": 0.1}
+    assert without_added_defaults(flat) == {"train.lr": 0.1}
+    assert without_added_defaults({**flat, "train.lr_decay": 0.9})["train.lr_decay"] == 0.9
 
 
 def test_cache_key_ignores_source_text(make_cfg, tmp_path):

@@ -11,7 +11,7 @@ import sqlalchemy
 from omegaconf import DictConfig, OmegaConf
 
 from src import tracking
-from src.config import ConfigError, shapes_result, under
+from src.config import ConfigError, shapes_result, under, without_added_defaults
 
 if TYPE_CHECKING:  # settings imports the tables below to name the valid choices
     from src.search.settings import EarlyStopConfig, SearchConfig
@@ -41,7 +41,7 @@ TRIAL_STOPPERS: dict[str, Callable[[EarlyStopConfig], optuna.pruners.BasePruner]
 def judged_settings(cfg: DictConfig) -> dict[str, str]:
     """Returns the experiment settings every trial of a study starts from, flattened to
     'key': 'value' text: all that shape a result (config.shapes_result) but the search's own."""
-    flat = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
+    flat = without_added_defaults(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
     return {key: str(value) for key, value in sorted(flat.items())
             if shapes_result(key) and not under(key, "search", "hydra")}
 
