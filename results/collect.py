@@ -426,21 +426,22 @@ def channel_section(rows: list[dict], results: Path) -> str:
     latency = speed.compare_latency(files, threads=1, warmup=50, runs=200, repeats=5)
     base = latency[_key(dense)].median_ms
     lines = ["## Real size and real speed: channel pruning against magnitude pruning (int8)\n",
-             "ResNet-8 from a committed dense model (`model=file`; its Keras accuracy in the "
-             "`dense acc` column), int8. Magnitude pruning "
+             "ResNet-8 models pruned from a committed dense file (`model=file`: the file in "
+             "`pruned from`, its Keras accuracy in `dense acc`), int8. Magnitude pruning "
              "(flat) zeroes weights: the zip shrinks, the raw `.tflite` a device stores and its "
              "MACs do not. Channel pruning removes filters and rebuilds a smaller dense model. "
              "Latency: LiteRT, batch 1, 1 thread, measured by this command with every row's "
              "file loaded at once and their invokes interleaved (5 rounds of 200 after 50 "
              "warm-up invokes; median of round medians), so all rows share the machine's "
              "state.\n",
-             "| row | dense acc | distill | TFLite acc | raw bytes | zipped bytes | MACs | params "
-             "| latency ms | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | pruned from | dense acc | distill | TFLite acc | raw bytes | zipped bytes "
+             "| MACs | params | latency ms | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(chosen, key=lambda r: -r["tflite_bytes"]):
         distill = r["config"].get("distill", {}).get("alpha", 0.0)
         stats = latency[_key(r)]
-        lines.append(f"| {r['name']} | {r['baseline_test_accuracy']:.2%} | {distill or '-'} | "
+        lines.append(f"| {r['name']} | {model_label(r)} | {r['baseline_test_accuracy']:.2%} | "
+                     f"{distill or '-'} | "
                      f"{r['tflite_accuracy']:.2%} | "
                      f"{r['tflite_bytes']:.0f} | {r['tflite_zip_bytes']:.0f} | "
                      f"{r['macs'] or 0:.0f} | {r['params'] or 0:.0f} | "
