@@ -26,7 +26,8 @@ import mlflow
 import yaml
 from matplotlib.figure import Figure
 
-from src.config import PROJECT_ROOT, shapes_result, without_added_defaults
+from src.config import PROJECT_ROOT
+from src.config import result_settings as shaping_settings
 from src.report import STORED_BASELINE, short_model_name, stored_baseline_name
 from src.tracking import flatten
 from src.units import KB, MB
@@ -81,9 +82,8 @@ class CollectError(Exception):
 
 def result_settings(config: dict) -> dict[str, str]:
     """Returns the config's settings that shape the result, flattened to dotted keys."""
-    flat = without_added_defaults(flatten(config))
-    return {key: json.dumps(value, sort_keys=True) for key, value in flat.items()
-            if shapes_result(key)}
+    return {key: json.dumps(value, sort_keys=True)
+            for key, value in shaping_settings(flatten(config)).items()}
 
 
 def unique_names(settings: list[dict[str, str]], base: list[str]) -> list[str]:

@@ -62,6 +62,13 @@ def shapes_result(key: str) -> bool:
     return not under(key, *NOT_RESULT)
 
 
+def result_settings(flat: dict) -> dict:
+    """Returns the flattened settings that shape what a run computes: what results rows and a
+    study's resumes compare (settings added later count only away from their neutral value)."""
+    return {key: value for key, value in without_added_defaults(flat).items()
+            if shapes_result(key)}
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the key."""
 

@@ -66,9 +66,8 @@ def _impatient(uri: str) -> Iterator[None]:
     """Lowers MLflow's HTTP retries and timeout for one call, unless the user set them."""
     patience = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": str(FIRST_CONTACT_TIMEOUT)}
-    lowered = {name: value for name, value in patience.items() if name not in os.environ}
-    if not uri.startswith(("http://", "https://")):
-        lowered = {}
+    lowered = {name: value for name, value in patience.items() if name not in os.environ
+               and uri.startswith(("http://", "https://"))}
     os.environ.update(lowered)
     try:
         yield

@@ -58,9 +58,9 @@ def test_rotation_turns_each_image_about_its_centre():
                                                            rotation=15))
     x = np.random.default_rng(0).integers(0, 255, (64, 8, 8, 3), dtype=np.uint8)
     batch, _ = next(iter(train.input_pipeline(x, np.zeros(64, int), 2, cfg, training=True)))
-    shuffled_back = np.sort(batch.numpy().reshape(64, -1).sum(1))
+    image_sums = np.sort(batch.numpy().reshape(64, -1).sum(1))  # the batch comes shuffled
     assert batch.shape == x.shape
-    assert not np.allclose(shuffled_back, np.sort(x.reshape(64, -1).sum(1).astype(float)))
+    assert not np.allclose(image_sums, np.sort(x.reshape(64, -1).sum(1).astype(float)))
     evaluation, _ = next(iter(train.input_pipeline(x, np.zeros(64, int), 2, cfg, False)))
     assert np.array_equal(evaluation.numpy(), x.astype(np.float32))  # only training rotates
 

@@ -11,7 +11,7 @@ import sqlalchemy
 from omegaconf import DictConfig, OmegaConf
 
 from src import tracking
-from src.config import ConfigError, shapes_result, under, without_added_defaults
+from src.config import ConfigError, result_settings, under
 
 if TYPE_CHECKING:  # settings imports the tables below to name the valid choices
     from src.search.settings import EarlyStopConfig, SearchConfig
@@ -40,10 +40,10 @@ TRIAL_STOPPERS: dict[str, Callable[[EarlyStopConfig], optuna.pruners.BasePruner]
 
 def judged_settings(cfg: DictConfig) -> dict[str, str]:
     """Returns the experiment settings every trial of a study starts from, flattened to
-    'key': 'value' text: all that shape a result (config.shapes_result) but the search's own."""
-    flat = without_added_defaults(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
+    'key': 'value' text: all that shape a result (config.result_settings) but the search's own."""
+    flat = result_settings(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
     return {key: str(value) for key, value in sorted(flat.items())
-            if shapes_result(key) and not under(key, "search", "hydra")}
+            if not under(key, "search", "hydra")}
 
 
 def make_study(search: SearchConfig, settings: dict[str, str] | None = None) -> optuna.Study:
