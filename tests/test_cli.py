@@ -202,8 +202,7 @@ def test_a_bad_multirun_job_is_recorded_and_the_others_run(tmp_path):
     command = shlex.split(jobs[2].data.tags["command"])
     assert command[:3] == ["python", "-m", "src.run"]
     assert "prune.min_density=0.2" in command and "+tracking.tags.note='two words {x}'" in command
-    if (PROJECT_ROOT / "src" / "sweep_callback.py").exists():  # the ui helper's end-of-sweep line
-        assert done.returncode != 0
+    assert done.returncode != 0  # the sweep fails at its end, naming the failed job
 
 
 @pytest.mark.slow
