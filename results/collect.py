@@ -107,8 +107,9 @@ def collect(experiments: list[str], uri: str, results: Path,
     Artifacts are read through MLflow's artifact API, so a tracking server with proxied
     artifacts and runs logged from other machines are read like a local store. Runs with
     identical result settings are merged: the newest is kept and the others are listed in
-    its row's ``merged_runs`` (and printed). kept_rows: rows of other experiments, already in the
-    table, that stay with their files (their MLflow runs may live on another machine)."""
+    its row's ``merged_runs`` (and printed). kept_rows: rows already in the table that stay with
+    their files (their MLflow runs may live on another machine), unless a run read now has
+    the same experiment and result settings: then the newer run's row replaces the kept one."""
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     found = {}
@@ -146,6 +147,8 @@ def collect(experiments: list[str], uri: str, results: Path,
         names = unique_names(settings, [f"{r['experiment']}/{r['name']}" for r in rows])
         for row, name in zip(rows, names):
             row["name"] = name.split("/", 1)[1]
+        kept_rows = _not_replaced(kept_rows, rows, settings)
+        for row in rows:
             _attach_check(row, client, staging, results, max_model_bytes)
         for row in kept_rows:
             if row["file"] and not (staging / row["file"]).exists():
@@ -163,6 +166,25 @@ def collect(experiments: list[str], uri: str, results: Path,
     for row in rows:
         del row["baseline_key"]
     return sorted([*rows, *kept_rows], key=lambda r: (r["experiment"], r["name"]))
+
+
+def _not_replaced(kept_rows: list[dict], rows: list[dict], settings: list[dict]) -> list[dict]:
+    """Returns the kept rows that no row read now replaces (same experiment and settings);
+    raises CollectError when a kept row and a new one differ but would share a name."""
+    read = {run for row in rows for run in (row["run_id"], *row["merged_runs"])}
+    names = {(row["experiment"], row["name"]) for row in rows}
+    staying = []
+    for row in kept_rows:
+        mine = {"experiment": row["experiment"], **result_settings(row["config"])}
+        if row["run_id"] in read or mine in settings:
+            continue
+        if (row["experiment"], row["name"]) in names:
+            raise CollectError(f"{row['experiment']}/{row['name']}: a row of the table and a run "
+                               "read now have different settings but one name; collect that "
+                               "experiment without --keep, or give the run another "
+                               "tracking.experiment")
+        staying.append(row)
+    return staying
 
 
 def _read_config(client: mlflow.MlflowClient, run: mlflow.entities.Run, experiment: str,
@@ -565,14 +587,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--max-model-bytes", type=int, default=3_000_000)
     parser.add_argument("--keep", action="store_true",
-                        help="keep the table's rows of the experiments not collected now")
+                        help="keep the table's rows that no run read now replaces (other "
+                             "experiments, and runs this store no longer holds)")
     args = parser.parse_args()
     experiments = args.experiment or ["reference"]
     matplotlib.use("Agg")
     kept = []
     if args.keep and (args.out / "table.json").exists():
-        kept = [row for row in json.loads((args.out / "table.json").read_text())
-                if row["experiment"] not in experiments]
+        kept = json.loads((args.out / "table.json").read_text())
     try:
         rows = collect(experiments, args.uri, args.out, args.max_model_bytes, kept)
     except CollectError as error:

@@ -48,6 +48,25 @@ def test_collect_then_check_reevaluates_every_row(make_cfg, tmp_path):
         collect.collect(["table", "tabel"], uri, out, max_model_bytes=10**9)
     assert all((out / r["file"]).exists() for r in rows)
 
+    # --keep on a new machine: a row whose run this store does not hold stays, with its file;
+    # a row whose settings a run read now has gives way to that run's row.
+    elsewhere = json.loads(json.dumps(rows[0]))
+    elsewhere.update(run_id="elsewhere", name="resnet8-flat-0.60-none",
+                     file="models/elsewhere.tflite")
+    elsewhere["config"]["prune"]["rate"] = 0.6
+    shutil.copyfile(out / rows[0]["file"], out / elsewhere["file"])
+    older = {**json.loads(json.dumps(rows[1])), "run_id": "older"}
+    again = collect.collect(["table"], uri, out, max_model_bytes=10**9,
+                            kept_rows=[elsewhere, older])
+    assert sorted(r["run_id"] for r in again) == sorted(
+        [rows[0]["run_id"], rows[1]["run_id"], "elsewhere"])
+    assert all((out / r["file"]).exists() for r in again)
+    # Two different rows under one name would overwrite each other: refused, nothing touched.
+    clash = {**elsewhere, "name": rows[0]["name"]}
+    with pytest.raises(collect.CollectError, match="different settings but one name"):
+        collect.collect(["table"], uri, out, max_model_bytes=10**9, kept_rows=[clash])
+    assert (out / elsewhere["file"]).exists()
+
     # A wrong number in the table is caught.
     rows[0]["tflite_accuracy"] += 0.05
     (out / "table.json").write_text(json.dumps(rows))
