@@ -72,8 +72,10 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         tracking.log_params(params)
         if own:
             print(f"dense baseline: loaded from {settings.model.path} (key {key})")
+        baseline_curves = tracking.EpochCurves("baseline")
         announce = keras.callbacks.LambdaCallback(  # called only when the baseline is trained
-            on_train_begin=lambda logs: print(report.baseline_line(settings, key, False)))
+            on_train_begin=lambda logs: print(report.baseline_line(settings, key, False)),
+            on_epoch_end=baseline_curves.epoch_ended)
         base = own or baseline.load_or_train(key, settings.paths.cache_dir, dataset,
                                              settings.model, settings.train, callbacks=[announce])
         if base.reused and not own:
@@ -84,24 +86,26 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         tracking.set_tags({"baseline_reused": base.reused})
         if base.resumed_from_epoch:
             tracking.set_tags({"resumed_from_epoch": base.resumed_from_epoch})
-        tracking.log_history("baseline", base.history)
+        baseline_curves.finish(base.history)
         teacher = distill.teacher_for(settings.distill, base.model, base.test_accuracy,
                                       settings.paths.cache_dir, dataset.x_test, dataset.y_test,
                                       settings.model.trust_code, settings.model.custom_objects,
                                       ) if settings.prune.finetune_epochs else None
+        finetune_curves = tracking.EpochCurves("finetune")
+        live = keras.callbacks.LambdaCallback(on_epoch_end=finetune_curves.epoch_ended)
         # None when fine-tuning is off, or another process fine-tunes the same settings now
         with finetune_checkpoint(settings, key) as checkpoint:
             with clock("train"):  # masks or tfmot wrappers, and fine-tuning when configured
                 try:
                     result = prune(base.model, settings.prune, dataset, settings.train,
-                                   callbacks, distill=teacher, checkpoint=checkpoint)
+                                   [live, *callbacks], distill=teacher, checkpoint=checkpoint)
                 except tracking.StoppedEarly:  # a stopped trial will not be resumed
                     if checkpoint:
                         checkpoint.remove()
                     raise
             if checkpoint and checkpoint.resumed_from_epoch:
                 tracking.set_tags({"finetune_resumed_from_epoch": checkpoint.resumed_from_epoch})
-            tracking.log_history("finetune", result.history)
+            finetune_curves.finish(result.history)
             # The schedule in steps, as tfmot ran it (frequency may be clamped to the steps
             # there are).
             tracking.log_params({f"prune_steps.{k}": v for k, v in result.schedule_steps.items()})

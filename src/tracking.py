@@ -6,8 +6,9 @@ import contextlib
 import os
 import re
 import subprocess
+import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -194,14 +195,46 @@ def log_metrics(metrics: Mapping[str, float]) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
 
-def log_history(prefix: str, history: Mapping[str, list[float]]) -> None:
-    """Logs per-epoch curves as metrics named <prefix>_<name> with the epoch as step."""
+def log_history(prefix: str, history: Mapping[str, list[float]],
+                skip: Collection[int] = ()) -> None:
+    """Logs per-epoch curves as metrics named <prefix>_<name> with the epoch as step, leaving
+    out the epochs in skip."""
     stamp = int(time.time() * 1000)
     points = [Metric(f"{prefix}_{name}", float(value), stamp, epoch)
-              for name, values in history.items() for epoch, value in enumerate(values)]
+              for name, values in history.items() for epoch, value in enumerate(values)
+              if epoch not in skip]
     run_id = mlflow.active_run().info.run_id
     for start in range(0, len(points), 1000):  # MLflow takes at most 1000 metrics per batch
         mlflow.MlflowClient().log_batch(run_id, metrics=points[start:start + 1000])
+
+
+class EpochCurves:
+    """Per-epoch curves named <prefix>_<name>: each epoch logged as it ends, so an hours-long
+    training shows its curves in the MLflow UI while it runs, and at the end the epochs it did
+    not see (trained before a resume, or missed while the store did not answer)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.logged: set[int] = set()
+        self.warned = False
+
+    def epoch_ended(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        """Logs one epoch's metrics; a store that fails here must not stop the training."""
+        try:
+            mlflow.log_metrics({f"{self.prefix}_{k}": float(v) for k, v in (logs or {}).items()},
+                               step=epoch)
+        except Exception as error:  # noqa: BLE001
+            if not self.warned:
+                print(f"warning: tracking: epoch {epoch + 1}'s {self.prefix} metrics not logged "
+                      f"now ({type(error).__name__}); they are logged when the run ends",
+                      file=sys.stderr, flush=True)
+                self.warned = True
+            return
+        self.logged.add(epoch)
+
+    def finish(self, history: Mapping[str, list[float]]) -> None:
+        """Logs the epochs of the whole history that were not logged as they ended."""
+        log_history(self.prefix, history, skip=self.logged)
 
 
 def log_artifacts(paths: list[Path]) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from src import baseline
 from src.experiment import run
+from src.keras_env import keras
 from tests.conftest import TINY, runs_of
 
 
@@ -92,17 +94,28 @@ def test_every_model_runs(make_cfg, model):
     assert abs(metrics["sparsity_global"] - 0.5) < 0.005
 
 
-def test_tfmot_run_logs_schedule_and_curves(make_cfg):
+def test_tfmot_run_logs_schedule_and_curves_while_it_trains(make_cfg):
     # The default frequency (100 steps) is more than these 10 steps: it is clamped, and both
     # the configured and the effective value are logged.
     cfg = make_cfg("prune=tfmot", "prune.final_sparsity=0.6", "prune.finetune_epochs=2")
-    metrics = run(cfg)
+    seen = []  # what the MLflow UI shows of the curve as each epoch ends
+
+    def steps_logged() -> list[int]:
+        run_id = mlflow.active_run().info.run_id
+        return [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "finetune_loss")]
+
+    watch = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(
+        steps_logged()))
+    metrics = run(cfg, callbacks=[watch])
     assert abs(metrics["sparsity_global"] - 0.6) < 0.01
     tracked = runs_of(cfg)[0]
     assert tracked.data.params["prune.frequency"] == "100"
     assert int(tracked.data.params["prune_steps.frequency"]) < 10
     assert int(tracked.data.params["prune_steps.end_step"]) > 0
     assert "finetune_val_accuracy" in tracked.data.metrics
+    assert seen == [[0], [0, 1]]  # each epoch logged as it ended, not at the run's end
+    history = mlflow.MlflowClient().get_metric_history(tracked.info.run_id, "finetune_loss")
+    assert sorted(m.step for m in history) == [0, 1]  # and not again when the run ends
 
 
 def test_dense_run_has_no_sparsity_and_main_returns_the_objective(make_cfg):
