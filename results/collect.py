@@ -108,8 +108,8 @@ def collect(experiments: list[str], uri: str, results: Path,
     artifacts and runs logged from other machines are read like a local store. Runs with
     identical result settings are merged: the newest is kept and the others are listed in
     its row's ``merged_runs`` (and printed). kept_rows: rows already in the table that stay with
-    their files (their MLflow runs may live on another machine), unless a run read now has
-    the same experiment and result settings: then the newer run's row replaces the kept one."""
+    their files (their MLflow runs may live on another machine) unless a run read now replaces
+    them (``_with_kept``)."""
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     found = {}
@@ -147,7 +147,7 @@ def collect(experiments: list[str], uri: str, results: Path,
         names = unique_names(settings, [f"{r['experiment']}/{r['name']}" for r in rows])
         for row, name in zip(rows, names):
             row["name"] = name.split("/", 1)[1]
-        kept_rows = _not_replaced(kept_rows, rows, settings)
+        kept_rows = _with_kept(kept_rows, rows, settings, client, experiments)
         for row in rows:
             _attach_check(row, client, staging, results, max_model_bytes)
         for row in kept_rows:
@@ -168,23 +168,52 @@ def collect(experiments: list[str], uri: str, results: Path,
     return sorted([*rows, *kept_rows], key=lambda r: (r["experiment"], r["name"]))
 
 
-def _not_replaced(kept_rows: list[dict], rows: list[dict], settings: list[dict]) -> list[dict]:
-    """Returns the kept rows that no row read now replaces (same experiment and settings);
-    raises CollectError when a kept row and a new one differ but would share a name."""
+def _with_kept(kept_rows: list[dict], rows: list[dict], settings: list[dict],
+               client: mlflow.MlflowClient, experiments: list[str]) -> list[dict]:
+    """Returns the kept rows that stay beside the rows read now (and drops a read row that a
+    newer kept one replaces). A kept row goes when its run was read now, or when this store
+    holds its run in a collected experiment without it being read (deleted or failed since).
+    Of a kept row and a read one with the same settings the newer run stays, the other listed
+    in its merged_runs. A kept row with other settings than a read row of its name is refused:
+    one would overwrite the other."""
     read = {run for row in rows for run in (row["run_id"], *row["merged_runs"])}
-    names = {(row["experiment"], row["name"]) for row in rows}
     staying = []
     for row in kept_rows:
-        mine = {"experiment": row["experiment"], **result_settings(row["config"])}
-        if row["run_id"] in read or mine in settings:
+        if row["run_id"] in read or (row["experiment"] in experiments
+                                     and _held(client, row["run_id"])):
             continue
+        mine = {"experiment": row["experiment"], **result_settings(row["config"])}
+        if mine not in settings:
+            staying.append(row)
+            continue
+        index = settings.index(mine)
+        new = rows[index]
+        if (row.get("start_time") or 0) > (new["start_time"] or 0):
+            older = new
+            staying.append({**row, "merged_runs": [*row.get("merged_runs", []),
+                                                   new["run_id"], *new["merged_runs"]]})
+            del rows[index], settings[index]
+        else:
+            older = row
+            new["merged_runs"].append(row["run_id"])
+        print(f"note: {row['experiment']}/{row['name']}: run {older['run_id']} has the same "
+              "settings as a newer run; kept the newer one")
+    names = {(row["experiment"], row["name"]) for row in rows}
+    for row in staying:
         if (row["experiment"], row["name"]) in names:
             raise CollectError(f"{row['experiment']}/{row['name']}: a row of the table and a run "
-                               "read now have different settings but one name; collect that "
-                               "experiment without --keep, or give the run another "
-                               "tracking.experiment")
-        staying.append(row)
+                               "read now have different settings but one name; give the run "
+                               "another tracking.experiment, or remove the row from table.json")
     return staying
+
+
+def _held(client: mlflow.MlflowClient, run_id: str) -> bool:
+    """Returns whether this store holds the run (in any state, deleted ones too)."""
+    try:
+        client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
 
 
 def _read_config(client: mlflow.MlflowClient, run: mlflow.entities.Run, experiment: str,

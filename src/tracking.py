@@ -216,19 +216,22 @@ class EpochCurves:
     def __init__(self, prefix: str):
         self.prefix = prefix
         self.logged: set[int] = set()
-        self.warned = False
+        self.live = True
 
     def epoch_ended(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-        """Logs one epoch's metrics; a store that fails here must not stop the training."""
+        """Logs one epoch's metrics. After one failure it stops trying (a server that does not
+        answer costs minutes of retries a call) and leaves the curve to finish(): a store that
+        fails here must not stop or slow the training."""
+        if not self.live:
+            return
         try:
             mlflow.log_metrics({f"{self.prefix}_{k}": float(v) for k, v in (logs or {}).items()},
                                step=epoch)
         except Exception as error:  # noqa: BLE001
-            if not self.warned:
-                print(f"warning: tracking: epoch {epoch + 1}'s {self.prefix} metrics not logged "
-                      f"now ({type(error).__name__}); they are logged when the run ends",
-                      file=sys.stderr, flush=True)
-                self.warned = True
+            self.live = False
+            print(f"warning: tracking: epoch {epoch + 1}'s {self.prefix} metrics not logged "
+                  f"({type(error).__name__}); the rest of the curve is logged when the run "
+                  "finishes", file=sys.stderr, flush=True)
             return
         self.logged.add(epoch)
 

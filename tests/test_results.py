@@ -49,17 +49,27 @@ def test_collect_then_check_reevaluates_every_row(make_cfg, tmp_path):
     assert all((out / r["file"]).exists() for r in rows)
 
     # --keep on a new machine: a row whose run this store does not hold stays, with its file;
-    # a row whose settings a run read now has gives way to that run's row.
-    elsewhere = json.loads(json.dumps(rows[0]))
-    elsewhere.update(run_id="elsewhere", name="resnet8-flat-0.60-none",
-                     file="models/elsewhere.tflite")
+    # of two rows with the same settings the newer run's stays; a row whose run this store
+    # holds unfinished (failed or deleted since) goes.
+    def copied(row: dict, **changes) -> dict:
+        return {**json.loads(json.dumps(row)), **changes}
+
+    elsewhere = copied(rows[0], run_id="elsewhere", name="resnet8-flat-0.60-none",
+                       file="models/elsewhere.tflite")
     elsewhere["config"]["prune"]["rate"] = 0.6
     shutil.copyfile(out / rows[0]["file"], out / elsewhere["file"])
-    older = {**json.loads(json.dumps(rows[1])), "run_id": "older"}
+    older = copied(rows[1], run_id="older", start_time=rows[1]["start_time"] - 1)
+    newer = copied(rows[0], run_id="newer", start_time=rows[0]["start_time"] + 1)
+    client = mlflow.MlflowClient(uri)
+    unfinished = client.create_run(client.get_experiment_by_name("table").experiment_id)
+    gone = copied(elsewhere, run_id=unfinished.info.run_id, name="resnet8-flat-0.70-none")
+    gone["config"]["prune"]["rate"] = 0.7
     again = collect.collect(["table"], uri, out, max_model_bytes=10**9,
-                            kept_rows=[elsewhere, older])
-    assert sorted(r["run_id"] for r in again) == sorted(
-        [rows[0]["run_id"], rows[1]["run_id"], "elsewhere"])
+                            kept_rows=[elsewhere, older, newer, gone])
+    by_run = {r["run_id"]: r for r in again}
+    assert sorted(by_run) == sorted(["newer", rows[1]["run_id"], "elsewhere"])
+    assert by_run["newer"]["merged_runs"] == [rows[0]["run_id"]]
+    assert by_run[rows[1]["run_id"]]["merged_runs"] == ["older"]
     assert all((out / r["file"]).exists() for r in again)
     # Two different rows under one name would overwrite each other: refused, nothing touched.
     clash = {**elsewhere, "name": rows[0]["name"]}
