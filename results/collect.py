@@ -484,7 +484,8 @@ def channel_section(rows: list[dict], results: Path) -> str:
              "Latency: LiteRT, batch 1, 1 thread, measured by this command with every row's "
              "file loaded at once and their invokes interleaved (5 rounds of 200 after 50 "
              "warm-up invokes; median of round medians), so all rows share the machine's "
-             "state.\n",
+             f"state; on {speed.processor()}. Latency depends on the processor's int8 kernels: "
+             "compare rows of one table, never figures from different machines.\n",
              "| row | pruned from | dense acc | distill | TFLite acc | raw bytes | zipped bytes "
              "| MACs | params | latency ms | speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -11,6 +11,7 @@ is fair even when the absolute figures drift.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -31,6 +32,20 @@ class LatencyStats:
     median_ms: float
     p90_ms: float
     runs: int  # timed invokes in all
+
+
+def processor() -> str:
+    """Returns the CPU's name and its int8 matrix extensions (AMX, VNNI) from /proc/cpuinfo:
+    they choose LiteRT's int8 kernels, so a latency is only comparable on the same kind."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown processor"
+    name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = set((re.search(r"^flags\s*:\s*(.+)$", text, re.M) or [None, ""])[1].split())
+    extensions = [e for e in ("amx_int8", "avx512_vnni", "avx_vnni") if e in flags]
+    label = name[1].strip() if name else "unknown processor"
+    return f"{label} ({', '.join(extensions) or 'no VNNI'})"
 
 
 def _interpreter(flatbuffer: bytes, threads: int, seed: int = 0):
