@@ -14,6 +14,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
@@ -38,7 +39,7 @@ def processor() -> str:
     """Returns the CPU's name and its int8 matrix extensions (AMX, VNNI) from /proc/cpuinfo:
     they choose LiteRT's int8 kernels, so a latency is only comparable on the same kind."""
     try:
-        text = open("/proc/cpuinfo").read()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "unknown processor"
     name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
