@@ -1,6 +1,7 @@
 """Latency of int8 ResNet-8s of given widths, side by side: is it the MACs or the widths?
 
-    python -m benchmarks.channel_widths [--widths 16-32-64 9-17-29 8-16-32 ...] [--runs 200]
+    python -m benchmarks.channel_widths [--widths 16-32-64 9-17-29 8-16-32 ...] [--runs 200] \\
+        [--kernels builtin]
     python -m benchmarks.channel_widths --model results/models/resnet8-dense-<key>.h5 \\
         [--rates 0.3 0.4 0.5] [--multiples 1 8]
 
@@ -62,15 +63,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kernels", choices=speed.KERNELS, default="xnnpack",
+                        help="LiteRT's default XNNPACK delegate, or its built-in kernels")
     args = parser.parse_args(argv)
     calibration = np.random.default_rng(0).uniform(0, 255, (64, 32, 32, 3)).astype("float32")
     found = candidates(args)
     files = {name: quantize.to_tflite(model, QuantConfig(mode="int8"), calibration)
              for name, model in found.items()}
-    stats = speed.compare_latency(files, 1, args.warmup, args.runs, args.repeats)
+    stats = speed.compare_latency(files, 1, args.warmup, args.runs, args.repeats, args.kernels)
     source = args.model or "ResNet-8s built at the given stage widths, random weights"
-    print(f"{source}, int8; LiteRT latency, batch 1, 1 thread, {args.repeats} rounds of "
-          f"{args.runs} invokes per model, interleaved; {machine()}")
+    print(f"{source}, int8; LiteRT latency ({args.kernels} kernels), batch 1, 1 thread, "
+          f"{args.repeats} rounds of {args.runs} invokes per model, interleaved; {machine()}")
     widths = {name: conv_widths(model) for name, model in found.items()}
     print("\n".join(latency_table(files, stats, {"conv widths": widths}, "speed-up")))
 

@@ -52,8 +52,8 @@ def runs(root: Path, experiment: str = "prunesweep") -> list[mlflow.entities.Run
 
 def machine() -> str:
     """Returns the machine line printed with every result."""
-    return (f"{date.today()} on {platform.machine()} with {os.cpu_count()} cores, "
-            f"Python {platform.python_version()}")
+    return (f"{date.today()} on {speed.processor()}, {platform.machine()} with "
+            f"{os.cpu_count()} cores, Python {platform.python_version()}")
 
 
 def latency_table(files: dict[str, bytes], stats: dict[str, speed.LatencyStats],

@@ -1,6 +1,7 @@
 """Latency of several exported models measured side by side, interleaved invoke by invoke.
 
-    python -m benchmarks.latency results/models/channel-*.tflite [--threads 1] [--runs 200]
+    python -m benchmarks.latency results/models/channel-*.tflite [--threads 1] [--runs 200] \\
+        [--kernels builtin]
 
 A noisy machine slows every model alike when their invokes alternate, so the ratios to the
 first file hold even when the absolute times drift. Prints the median of round medians, the
@@ -24,11 +25,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kernels", choices=speed.KERNELS, default="xnnpack",
+                        help="LiteRT's default XNNPACK delegate, or its built-in kernels")
     args = parser.parse_args(argv)
     models = {path.name: path.read_bytes() for path in args.files}
-    stats = speed.compare_latency(models, args.threads, args.warmup, args.runs, args.repeats)
-    print(f"LiteRT latency, batch 1, {args.threads} thread(s), {args.repeats} rounds of "
-          f"{args.runs} invokes per model, interleaved; {machine()}")
+    stats = speed.compare_latency(models, args.threads, args.warmup, args.runs, args.repeats,
+                                  args.kernels)
+    print(f"LiteRT latency ({args.kernels} kernels), batch 1, {args.threads} thread(s), "
+          f"{args.repeats} rounds of {args.runs} invokes per model, interleaved; {machine()}")
     print("\n".join(latency_table(models, stats)))
 
 if __name__ == "__main__":

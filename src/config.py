@@ -36,7 +36,8 @@ NOT_RESULT = ("paths", "tracking", "train.verbose", "train.checkpoint_every", "o
 # Settings added after baselines were cached, studies started and results recorded, with the
 # value that leaves behaviour as it was: left out of cache keys, a study's recorded settings
 # and results rows while at that value, so what was recorded before still matches.
-ADDED_LATER = {"train.augment.rotation": 0.0, "train.lr_decay": 0.99}
+ADDED_LATER = {"train.augment.rotation": 0.0, "train.lr_decay": 0.99,
+               "measure.latency_kernels": "xnnpack"}
 
 
 def without_added_defaults(settings: dict, prefix: str = "") -> dict:
@@ -362,8 +363,11 @@ class MeasureConfig:
     latency_warmup: int = 10
     latency_runs: int = 30
     latency_repeats: int = 5
+    latency_kernels: str = "xnnpack"  # LiteRT's default delegate | builtin: its own kernels
 
     def __post_init__(self) -> None:
+        _check(self.latency_kernels in ("xnnpack", "builtin"), "measure.latency_kernels",
+               f"unknown kernels {self.latency_kernels!r}; choose from xnnpack, builtin")
         _check(self.latency_threads >= 1, "measure.latency_threads",
                f"must be >= 1, got {self.latency_threads}")
         _check(self.latency_warmup >= 0, "measure.latency_warmup",

@@ -61,6 +61,7 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         "data_fingerprint": dataset.fingerprint,
         "prune_method": settings.prune.method,
         "quant_mode": settings.quant.mode,
+        "processor": speed.processor(),  # int8 latencies compare only on one kind of CPU
         **(extra_tags or {}),
     }
     params = tracking.flatten(resolved)
@@ -183,7 +184,7 @@ def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dat
         tflite_accuracy = quantize.evaluate_tflite(flatbuffer, dataset.x_test, dataset.y_test)
         m = settings.measure
         latency = speed.tflite_latency(flatbuffer, m.latency_threads, m.latency_warmup,
-                                       m.latency_runs, m.latency_repeats)
+                                       m.latency_runs, m.latency_repeats, m.latency_kernels)
     metrics = {
         "test_accuracy": test_accuracy,
         "tflite_accuracy": tflite_accuracy,

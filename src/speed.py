@@ -6,6 +6,11 @@ rounds (repeats): the reported median is the median of the rounds' medians (one 
 cannot move it) and p90 is taken over every timed invoke (the spread). ``compare_latency``
 interleaves several models invoke by invoke, so noise hits all of them alike and their ratio
 is fair even when the absolute figures drift.
+
+``kernels`` picks LiteRT's kernels: ``xnnpack`` (LiteRT's default, XNNPACK delegate) or
+``builtin`` (its own kernels, no delegate: what runtimes without XNNPACK run). They differ by
+processor: on x86 with AMX, XNNPACK's int8 convolutions compute tiles of 16 pixels by 64
+output channels, so a layer of 8 channels costs what one of 64 does (README, Latency).
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
 from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
 from src.keras_env import keras
 
 DEFAULT_WARMUP, DEFAULT_RUNS, DEFAULT_REPEATS = 10, 30, 5
+RESOLVERS = {"xnnpack": OpResolverType.AUTO,
+             "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+KERNELS = tuple(RESOLVERS)
 
 
 @dataclass
@@ -49,9 +57,10 @@ def processor() -> str:
     return f"{label} ({', '.join(extensions) or 'no VNNI'})"
 
 
-def _interpreter(flatbuffer: bytes, threads: int, seed: int = 0):
+def _interpreter(flatbuffer: bytes, threads: int, kernels: str, seed: int = 0):
     """Returns a ready interpreter with a random batch-1 input of the input tensor's dtype."""
-    interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
+    interpreter = Interpreter(model_content=flatbuffer, num_threads=threads,
+                              experimental_op_resolver_type=RESOLVERS[kernels])
     detail = interpreter.get_input_details()[0]
     shape = [1, *detail["shape"][1:]]
     interpreter.resize_tensor_input(detail["index"], shape)
@@ -81,14 +90,15 @@ def _stats(rounds: list[list[float]]) -> LatencyStats:
 
 def compare_latency(flatbuffers: dict[str, bytes], threads: int = 1,
                     warmup: int = DEFAULT_WARMUP, runs: int = DEFAULT_RUNS,
-                    repeats: int = DEFAULT_REPEATS) -> dict[str, LatencyStats]:
+                    repeats: int = DEFAULT_REPEATS, kernels: str = "xnnpack",
+                    ) -> dict[str, LatencyStats]:
     """Returns each model's latency, its invokes interleaved with the others' run by run.
 
     Each of the repeats rounds times runs invokes of every model, alternating between the
     models (in a rotated order per invoke, so no model always follows the same one).
     """
     names = list(flatbuffers)
-    interpreters = {name: _interpreter(flatbuffers[name], threads) for name in names}
+    interpreters = {name: _interpreter(flatbuffers[name], threads, kernels) for name in names}
     for _ in range(warmup):
         for name in names:
             interpreters[name].invoke()
@@ -105,9 +115,11 @@ def compare_latency(flatbuffers: dict[str, bytes], threads: int = 1,
 
 
 def tflite_latency(flatbuffer: bytes, threads: int = 1, warmup: int = DEFAULT_WARMUP,
-                   runs: int = DEFAULT_RUNS, repeats: int = DEFAULT_REPEATS) -> LatencyStats:
+                   runs: int = DEFAULT_RUNS, repeats: int = DEFAULT_REPEATS,
+                   kernels: str = "xnnpack") -> LatencyStats:
     """Returns the model's batch-1 LiteRT latency (median of round medians, p90, invokes)."""
-    return compare_latency({"model": flatbuffer}, threads, warmup, runs, repeats)["model"]
+    return compare_latency({"model": flatbuffer}, threads, warmup, runs, repeats,
+                           kernels)["model"]
 
 
 def _opcode_names() -> dict[int, str]:

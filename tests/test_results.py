@@ -16,6 +16,7 @@ from pathlib import Path
 
 import matplotlib
 import mlflow
+import numpy as np
 import pytest
 
 from results import check, collect
@@ -293,3 +294,34 @@ def test_check_feeds_a_model_file_row_the_data_as_its_run_did(make_cfg, tmp_path
     fitted = check._fitted(dataset, settings, (16, 16, None))
     assert fitted.x_test.shape[1:] == (16, 16, 3)
     assert fitted.x_test.dtype == "float32" and 0 <= fitted.x_test.min() <= fitted.x_test.max() <= 1
+
+
+def test_the_channel_table_times_every_row_with_xnnpack_and_the_builtin_kernels(tmp_path):
+    from src.config import ModelConfig, QuantConfig
+    from src.models import build
+    from src.quantize import to_tflite
+
+    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32)
+
+    def row(name: str, method: str, filters: list[int], accuracy: float) -> dict:
+        flatbuffer = to_tflite(build(ModelConfig(name="resnet8", filters=filters), 10),
+                               QuantConfig(mode="int8", representative_samples=8), images)
+        (tmp_path / f"{name}.tflite").write_bytes(flatbuffer)
+        return {"experiment": "channel", "check": "tflite", "name": name, "run_id": name,
+                "file": f"{name}.tflite", "baseline_test_accuracy": 0.86,
+                "tflite_accuracy": accuracy, "tflite_bytes": len(flatbuffer),
+                "tflite_zip_bytes": len(flatbuffer) // 2, "macs": 1, "params": 1,
+                "config": {"model": {"name": "resnet8"}, "quant": {"mode": "int8"},
+                           "prune": {"method": method}, "distill": {"alpha": 0.0}}}
+
+    rows = [row("dense", "none", [8, 16, 32], 0.86), row("cut", "channel", [4, 8, 16], 0.80)]
+    lines = collect.channel_section(rows, tmp_path).splitlines()
+    header = next(line for line in lines if line.startswith("| row |"))
+    assert header.endswith("| XNNPACK ms | speed-up | built-in ms | speed-up |")
+    dense = next(line for line in lines if line.startswith("| dense |"))
+    assert dense.count("| 1.00x |") == 2  # the dense row against itself, both kernels
+    cut = next(line for line in lines if line.startswith("| cut |"))
+    assert len(cut.split("|")) == len(header.split("|"))
+    verdicts = [line for line in lines if line.startswith("- ")]
+    assert [v.split(":")[0] for v in verdicts] == ["- XNNPACK", "- built-in kernels"]
+    assert all("cut: 80.00%" in v or "no row fits" in v for v in verdicts)

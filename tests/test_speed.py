@@ -81,8 +81,21 @@ def test_latency_of_an_int8_model_with_integer_input():
     assert speed.tflite_latency(flatbuffer, warmup=1, runs=3, repeats=1).runs == 3
 
 
+def test_builtin_kernels_run_without_the_xnnpack_delegate():
+    flatbuffer = to_tflite(small_model(), QuantConfig(mode="int8", representative_samples=8),
+                           calibration(12))
+    ops = {kernels: {op["op_name"] for op in speed._interpreter(flatbuffer, 1, kernels)
+                     ._get_ops_details()} for kernels in speed.KERNELS}
+    assert "DELEGATE" in ops["xnnpack"] and "DELEGATE" not in ops["builtin"]
+    assert "CONV_2D" in ops["builtin"]
+    stats = speed.compare_latency({"a": flatbuffer}, warmup=1, runs=3, repeats=1,
+                                  kernels="builtin")
+    assert stats["a"].runs == 3 and stats["a"].median_ms > 0
+
+
 @pytest.mark.parametrize("key, value", [("latency_runs", 0), ("latency_threads", 0),
-                                        ("latency_repeats", 0), ("latency_warmup", -1)])
+                                        ("latency_repeats", 0), ("latency_warmup", -1),
+                                        ("latency_kernels", "gpu")])
 def test_bad_measure_settings_are_refused_by_key(make_cfg, key, value):
     with pytest.raises(ConfigError, match=f"measure.{key}"):
         settings_from(make_cfg(f"measure.{key}={value}"))
@@ -91,11 +104,15 @@ def test_bad_measure_settings_are_refused_by_key(make_cfg, key, value):
 def test_every_quantization_mode_exports_evaluates_and_logs_latency_and_macs(make_cfg):
     macs, sizes = {}, {}
     for mode in MODES:  # one tmp_path: the dense baseline is trained once and reused
+        kernels = "builtin" if mode == "int8" else "xnnpack"
         cfg = make_cfg("prune=flat", "prune.rate=0.5", f"quant={mode}",
                        "measure.latency_runs=5", "measure.latency_repeats=2",
-                       "measure.latency_warmup=1")
+                       "measure.latency_warmup=1", f"measure.latency_kernels={kernels}")
         returned = run(cfg)
-        metrics = runs_of(cfg)[0].data.metrics
+        logged = runs_of(cfg)[0].data
+        metrics = logged.metrics
+        assert logged.params["measure.latency_kernels"] == kernels
+        assert logged.tags["processor"] == speed.processor()
         assert 0.0 <= metrics["tflite_accuracy"] <= 1.0, mode
         assert abs(metrics["tflite_accuracy"] - metrics["test_accuracy"]) < 0.1, mode
         assert metrics["tflite_sparsity"] >= 0.49, mode
