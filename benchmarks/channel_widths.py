@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import latency_table, machine
+from benchmarks.common import add_kernels_argument, latency_table, machine
 from src import models, quantize, speed
 from src.config import ModelConfig, PruneConfig, QuantConfig
 from src.keras_env import keras
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--kernels", choices=speed.KERNELS, default="xnnpack",
-                        help="LiteRT's default XNNPACK delegate, or its built-in kernels")
+    add_kernels_argument(parser)
     args = parser.parse_args(argv)
     calibration = np.random.default_rng(0).uniform(0, 255, (64, 32, 32, 3)).astype("float32")
     found = candidates(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -54,6 +55,12 @@ def machine() -> str:
     """Returns the machine line printed with every result."""
     return (f"{date.today()} on {speed.processor()}, {platform.machine()} with "
             f"{os.cpu_count()} cores, Python {platform.python_version()}")
+
+
+def add_kernels_argument(parser: argparse.ArgumentParser) -> None:
+    """Adds --kernels: LiteRT's default XNNPACK delegate, or its built-in kernels."""
+    parser.add_argument("--kernels", choices=speed.KERNELS, default=speed.KERNELS[0],
+                        help="LiteRT's default XNNPACK delegate, or its built-in kernels")
 
 
 def latency_table(files: dict[str, bytes], stats: dict[str, speed.LatencyStats],

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.common import latency_table, machine
+from benchmarks.common import add_kernels_argument, latency_table, machine
 from src import speed
 
 
@@ -25,8 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--kernels", choices=speed.KERNELS, default="xnnpack",
-                        help="LiteRT's default XNNPACK delegate, or its built-in kernels")
+    add_kernels_argument(parser)
     args = parser.parse_args(argv)
     models = {path.name: path.read_bytes() for path in args.files}
     stats = speed.compare_latency(models, args.threads, args.warmup, args.runs, args.repeats,

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PRUNABLE_TYPES = ("Conv2D", "DepthwiseConv2D", "Dense")
+LATENCY_KERNELS = ("xnnpack", "builtin")  # LiteRT's default XNNPACK delegate | its own kernels
 OBJECTIVES = (
     "accuracy_per_mb",
     "tflite_accuracy",
@@ -366,8 +367,9 @@ class MeasureConfig:
     latency_kernels: str = "xnnpack"  # LiteRT's default delegate | builtin: its own kernels
 
     def __post_init__(self) -> None:
-        _check(self.latency_kernels in ("xnnpack", "builtin"), "measure.latency_kernels",
-               f"unknown kernels {self.latency_kernels!r}; choose from xnnpack, builtin")
+        _check(self.latency_kernels in LATENCY_KERNELS, "measure.latency_kernels",
+               f"unknown kernels {self.latency_kernels!r}; choose from "
+               f"{', '.join(LATENCY_KERNELS)}")
         _check(self.latency_threads >= 1, "measure.latency_threads",
                f"must be >= 1, got {self.latency_threads}")
         _check(self.latency_warmup >= 0, "measure.latency_warmup",

@@ -10,12 +10,14 @@ is fair even when the absolute figures drift.
 ``kernels`` picks LiteRT's kernels: ``xnnpack`` (LiteRT's default, XNNPACK delegate) or
 ``builtin`` (its own kernels, no delegate: what runtimes without XNNPACK run). They differ by
 processor: on x86 with AMX, XNNPACK's int8 convolutions compute tiles of 16 pixels by 64
-output channels, so a layer of 8 channels costs what one of 64 does (README, Latency).
+output channels, so a layer of 8 channels costs what one of 64 does (README: Real size and
+real speed).
 """
 
 from __future__ import annotations
 
 import math
+import platform
 import re
 import time
 from dataclasses import dataclass
@@ -26,12 +28,15 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
+from src.config import LATENCY_KERNELS
 from src.keras_env import keras
 
 DEFAULT_WARMUP, DEFAULT_RUNS, DEFAULT_REPEATS = 10, 30, 5
-RESOLVERS = {"xnnpack": OpResolverType.AUTO,
-             "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
-KERNELS = tuple(RESOLVERS)
+KERNELS = LATENCY_KERNELS
+RESOLVERS = dict(zip(KERNELS, (OpResolverType.AUTO,  # LiteRT's default: XNNPACK
+                               OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)))
+KERNEL_LABELS = {"xnnpack": "XNNPACK", "builtin": "built-in"}
+INT8_EXTENSIONS = ("amx_int8", "avx512_vnni", "avx_vnni", "asimddp", "i8mm", "sme")
 
 
 @dataclass
@@ -44,17 +49,19 @@ class LatencyStats:
 
 
 def processor() -> str:
-    """Returns the CPU's name and its int8 matrix extensions (AMX, VNNI) from /proc/cpuinfo:
-    they choose LiteRT's int8 kernels, so a latency is only comparable on the same kind."""
+    """Returns the CPU's name and its int8 dot-product extensions (AMX, VNNI; Arm's dot product,
+    i8mm, SME) from /proc/cpuinfo: they choose LiteRT's int8 kernels, so a latency is only
+    comparable on the same kind."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return "unknown processor"
-    name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = set((re.search(r"^flags\s*:\s*(.+)$", text, re.M) or [None, ""])[1].split())
-    extensions = [e for e in ("amx_int8", "avx512_vnni", "avx_vnni") if e in flags]
-    label = name[1].strip() if name else "unknown processor"
-    return f"{label} ({', '.join(extensions) or 'no VNNI'})"
+        text = ""
+    name = re.search(r"^(?:model name|Hardware)\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M)
+    found = set(flags[1].split()) if flags else set()
+    extensions = [e for e in INT8_EXTENSIONS if e in found]
+    label = name[1].strip() if name else platform.machine() or "unknown processor"
+    return f"{label} ({', '.join(extensions) or 'no int8 dot-product extension'})"
 
 
 def _interpreter(flatbuffer: bytes, threads: int, kernels: str, seed: int = 0):

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import matplotlib
 import mlflow
-import numpy as np
 import pytest
 
 from results import check, collect
@@ -296,32 +295,40 @@ def test_check_feeds_a_model_file_row_the_data_as_its_run_did(make_cfg, tmp_path
     assert fitted.x_test.dtype == "float32" and 0 <= fitted.x_test.min() <= fitted.x_test.max() <= 1
 
 
-def test_the_channel_table_times_every_row_with_xnnpack_and_the_builtin_kernels(tmp_path):
-    from src.config import ModelConfig, QuantConfig
-    from src.models import build
-    from src.quantize import to_tflite
+def test_the_channel_table_times_every_row_with_xnnpack_and_the_builtin_kernels(tmp_path,
+                                                                             monkeypatch):
+    from src import speed
 
-    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32)
-
-    def row(name: str, method: str, filters: list[int], accuracy: float) -> dict:
-        flatbuffer = to_tflite(build(ModelConfig(name="resnet8", filters=filters), 10),
-                               QuantConfig(mode="int8", representative_samples=8), images)
-        (tmp_path / f"{name}.tflite").write_bytes(flatbuffer)
+    def row(name: str, method: str, size: int, accuracy: float) -> dict:
+        (tmp_path / f"{name}.tflite").write_bytes(name.encode())
         return {"experiment": "channel", "check": "tflite", "name": name, "run_id": name,
                 "file": f"{name}.tflite", "baseline_test_accuracy": 0.86,
-                "tflite_accuracy": accuracy, "tflite_bytes": len(flatbuffer),
-                "tflite_zip_bytes": len(flatbuffer) // 2, "macs": 1, "params": 1,
+                "tflite_accuracy": accuracy, "tflite_bytes": size, "tflite_zip_bytes": size // 2,
+                "macs": 1, "params": 1,
                 "config": {"model": {"name": "resnet8"}, "quant": {"mode": "int8"},
                            "prune": {"method": method}, "distill": {"alpha": 0.0}}}
 
-    rows = [row("dense", "none", [8, 16, 32], 0.86), row("cut", "channel", [4, 8, 16], 0.80)]
+    # XNNPACK: the cut row only 1.25x faster; the built-in kernels: 2x.
+    medians = {"xnnpack": {"dense": 1.0, "cut": 0.8}, "builtin": {"dense": 2.0, "cut": 1.0}}
+    timed = []
+
+    def compare_latency(files, threads, warmup, runs, repeats, kernels):
+        timed.append((kernels, sorted(files)))
+        assert files == {"channel/cut": b"cut", "channel/dense": b"dense"}  # the rows' files
+        return {key: speed.LatencyStats(medians[kernels][key.split("/")[1]], 0, runs)
+                for key in files}
+
+    monkeypatch.setattr(speed, "compare_latency", compare_latency)
+    rows = [row("dense", "none", 96_000, 0.86), row("cut", "channel", 50_000, 0.85)]
     lines = collect.channel_section(rows, tmp_path).splitlines()
+    assert timed == [(k, ["channel/cut", "channel/dense"]) for k in ("xnnpack", "builtin")]
     header = next(line for line in lines if line.startswith("| row |"))
     assert header.endswith("| XNNPACK ms | speed-up | built-in ms | speed-up |")
-    dense = next(line for line in lines if line.startswith("| dense |"))
-    assert dense.count("| 1.00x |") == 2  # the dense row against itself, both kernels
-    cut = next(line for line in lines if line.startswith("| cut |"))
-    assert len(cut.split("|")) == len(header.split("|"))
-    verdicts = [line for line in lines if line.startswith("- ")]
-    assert [v.split(":")[0] for v in verdicts] == ["- XNNPACK", "- built-in kernels"]
-    assert all("cut: 80.00%" in v or "no row fits" in v for v in verdicts)
+    assert lines[lines.index(header) + 1] == "|---" * (header.count("|") - 1) + "|"
+    by_name = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
+    assert by_name["dense"].endswith("| 1.0000 | 1.00x | 2.0000 | 1.00x |")
+    assert by_name["cut"].endswith("| 0.8000 | 1.25x | 1.0000 | 2.00x |")
+    assert [line for line in lines if line.startswith("- ")] == [
+        "- XNNPACK kernels: no row fits the size and speed-up.",
+        "- built-in kernels: best fitting row cut: 85.00% (+1.00 points against the target: "
+        "met)."]

@@ -138,3 +138,22 @@ def test_the_benchmarks_latency_table_gives_each_file_its_own_numbers_and_ratio(
     macs = speed.tflite_macs(light)
     assert dense == f"| dense | 8 | {len(light)} | {macs} | 2.0000 | 2.5000 | 1.00x |"
     assert half == f"| half | 4 | {len(light)} | {macs} | 1.0000 | 1.2000 | 2.00x |"
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [
+    ("model name\t: Xeon\nflags\t\t: fpu avx512_vnni amx_int8\n", "Xeon (amx_int8, avx512_vnni)"),
+    ("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\nCPU part\t: 0xd0c\n",
+     "aarch64 (asimddp, i8mm)"),
+    ("model name\t: Old\nflags\t\t: fpu sse2\n", "Old (no int8 dot-product extension)"),
+])
+def test_the_processor_names_its_int8_extensions_on_x86_and_arm(monkeypatch, cpuinfo, expected):
+    class CpuInfo:
+        def __init__(self, path: str):
+            assert path == "/proc/cpuinfo"
+
+        def read_text(self) -> str:
+            return cpuinfo
+
+    monkeypatch.setattr(speed, "Path", CpuInfo)
+    monkeypatch.setattr(speed.platform, "machine", lambda: "aarch64")
+    assert speed.processor() == expected
