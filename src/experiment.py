@@ -196,4 +196,6 @@ def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dat
         "macs": speed.tflite_macs(flatbuffer),
         "params": speed.params(model),
     }
-    return metrics, [tflite_file, table]
+    # The Keras file too: a pruned model that can be fine-tuned further or pruned again
+    # (model=file model.path=<it>), as the .tflite cannot.
+    return metrics, [tflite_file, keras_file, table]

@@ -275,6 +275,10 @@ def test_channel_run_is_smaller_and_logs_its_table(make_cfg):
     assert int(rows["stage3_a_conv"][3]) < int(rows["stage3_a_conv"][2])
     assert rows["predictions"][2] == rows["predictions"][3]
     assert int(rows["total"][5]) == pruned["params"]
+    # The run's Keras file is the smaller model, and it can be pruned again (model=file).
+    again = make_cfg("model=file", f"model.path={files}/model.h5", "prune=channel",
+                     "prune.rate=0.5", "prune.finetune_epochs=1", "prune.min_channels=2")
+    assert run(again)["params"] < pruned["params"]
 
 
 def test_channel_then_magnitude_in_one_run(make_cfg):
