@@ -68,7 +68,9 @@ def row_name(config: dict) -> str:
     parts.append(prune["method"])
     rate = (0.5 if prune.get("structured_2_4") else prune.get("final_sparsity")) \
         if prune["method"] == "tfmot" else prune.get("rate")
-    if rate is not None:
+    if prune.get("widths"):  # channels kept per group instead of a rate
+        parts.append("w" + "-".join(str(w) for w in prune["widths"]))
+    elif rate is not None:
         parts.append(f"{float(rate):.2f}")
     if prune.get("finetune_epochs"):
         parts.append(f"ft{prune['finetune_epochs']}")

@@ -102,8 +102,8 @@ def finetune_key(base_key: str, prune_cfg: PruneConfig, train_cfg: TrainConfig,
     """Returns the content address of a fine-tuning: the dense model it starts from (by its
     baseline key) and the settings that shape the weights it trains."""
     content = {"version": CACHE_VERSION, "recipe_version": RECIPE_VERSION, "baseline": base_key,
-               "prune": asdict(prune_cfg), "distill": asdict(distill_cfg),
-               "train": _recipe(train_cfg)}
+               "prune": without_added_defaults(asdict(prune_cfg), "prune."),
+               "distill": asdict(distill_cfg), "train": _recipe(train_cfg)}
     return content_key(content)
 
 

@@ -38,7 +38,7 @@ NOT_RESULT = ("paths", "tracking", "train.verbose", "train.checkpoint_every", "o
 # value that leaves behaviour as it was: left out of cache keys, a study's recorded settings
 # and results rows while at that value, so what was recorded before still matches.
 ADDED_LATER = {"train.augment.rotation": 0.0, "train.lr_decay": 0.99,
-               "measure.latency_kernels": "xnnpack"}
+               "measure.latency_kernels": "xnnpack", "prune.widths": None}
 
 
 def without_added_defaults(settings: dict, prefix: str = "") -> dict:
@@ -290,6 +290,11 @@ class PruneConfig:
     # work in blocks of channels, so 17 kept channels cost about what 24 do (benchmarks/RESULTS.md)
     channel_multiple: int = 1
     magnitude_rate: float = 0.0  # > 0: then flat magnitude pruning, held while fine-tuning
+    # channels each prunable group keeps, in model order (the groups are the rows of a run's
+    # channels_per_layer.csv; a wrong count lists them): the highest-scoring channels are kept.
+    # Set, it replaces rate, scope and channel_multiple, so capacity goes where the device's
+    # kernels make it cheap (benchmarks.channel_widths --groups times such shapes)
+    widths: list[int] | None = None
 
     def __post_init__(self) -> None:
         _check(self.method in ("none", "flat", "layer", "tfmot", "channel"), "prune.method",
@@ -338,6 +343,10 @@ class PruneConfig:
         _check(self.channel_multiple >= 1, "prune.channel_multiple",
                f"must be >= 1, got {self.channel_multiple}")
         _check_fraction(self.magnitude_rate, "prune.magnitude_rate", high_open=True)
+        _check(self.widths is None or all(int(w) >= 1 for w in self.widths), "prune.widths",
+               f"every group keeps at least 1 channel, got {self.widths}")
+        _check(self.widths is None or not self.rates_from, "prune.widths",
+               "give either prune.widths or prune.rates_from, not both")
 
 # ---------------------------------------------------------------------------- quant
 @dataclass

@@ -46,13 +46,16 @@ def short_model_name(name: str, path: str | None = None, alpha: float = 1.0) -> 
 
 
 def method_label(settings: Settings) -> str:
-    """Returns the pruning method and its rate, e.g. 'flat 0.70', 'tfmot 0.90', 'dense'."""
+    """Returns the pruning method and its rate, e.g. 'flat 0.70', 'tfmot 0.90', 'dense', or
+    the channel widths kept ('channel 8-8-16-16-64-48')."""
     prune = settings.prune
     if prune.method == "none":
         return "dense"
     if prune.method == "tfmot":
         return "tfmot 2:4" if prune.structured_2_4 else f"tfmot {prune.final_sparsity:.2f}"
     label = f"{prune.method} {prune.rate:.2f}"
+    if getattr(prune, "widths", None):  # channels kept per group, given rather than a rate
+        label = f"{prune.method} {'-'.join(str(w) for w in prune.widths)}"
     if getattr(prune, "rates_from", None):  # per-layer rates from a sensitivity run
         label += " sensitivity"
     return f"{label} ft{prune.finetune_epochs}" if prune.finetune_epochs else label

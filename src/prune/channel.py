@@ -2,7 +2,8 @@
 
 The groups of layers whose channels change together come from src.prune.graph. Each group is
 scored per channel, the lowest channels are removed (one threshold over all groups, the same
-fraction in each, or each group's share from a channel sensitivity run: prune.rates_from), and
+fraction in each, each group's share from a channel sensitivity run: prune.rates_from, or the
+number of channels each group keeps: prune.widths), and
 the functional model is rebuilt from its config with the new widths, the surviving weights
 copied over. Unlike magnitude sparsity, this shrinks the raw .tflite file and the
 multiply-accumulates, so it runs faster on any interpreter.
@@ -117,6 +118,8 @@ def choose_channels(model: keras.Model, graph: ChannelGraph, cfg: PruneConfig,
     """Returns keep masks for every prunable group of the model, as cfg asks."""
     groups = prunable_groups(graph)
     scores = {g.root: group_scores(model, graph, g, cfg.criterion, cfg.bn_scale) for g in groups}
+    if cfg.widths is not None:
+        return _keep_widths(groups, scores, [int(w) for w in cfg.widths])
     if cfg.rates_from:
         keep = _keep_from_sensitivity(groups, scores, cfg)
     else:
@@ -125,6 +128,22 @@ def choose_channels(model: keras.Model, graph: ChannelGraph, cfg: PruneConfig,
         return keep
     return {root: round_to_multiple(mask, scores[root], cfg.channel_multiple, cfg.min_channels)
             for root, mask in keep.items()}
+
+
+def _keep_widths(groups: list[ChannelGroup], scores: dict[int, np.ndarray],
+                 widths: list[int]) -> dict[int, np.ndarray]:
+    """Returns keep masks of each group's widths[i] highest-scoring channels (prune.widths),
+    or raises ConfigError naming the groups when the widths do not fit them."""
+    listing = ", ".join(f"{group_name(g)} ({g.size})" for g in groups)
+    if len(widths) != len(groups):
+        raise ConfigError(f"prune.widths: {len(widths)} widths for the model's {len(groups)} "
+                          f"channel groups, in order: {listing}")
+    for group, width in zip(groups, widths):
+        if width > group.size:
+            raise ConfigError(f"prune.widths: {group_name(group)} has {group.size} channels, "
+                              f"cannot keep {width}; the groups: {listing}")
+    return {g.root: _drop(g.size, np.argsort(scores[g.root], kind="stable")[: g.size - width])
+            for g, width in zip(groups, widths)}
 
 
 def round_to_multiple(keep: np.ndarray, score: np.ndarray, multiple: int,
