@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from src.config import ConfigError, ModelConfig, PruneConfig, QuantConfig, settings_from
+from results.collect import row_name
+from src.config import (
+    ConfigError,
+    ModelConfig,
+    PruneConfig,
+    QuantConfig,
+    compose_config,
+    settings_from,
+)
 from src.experiment import run
 from src.keras_env import keras
 from src.models import build
@@ -21,6 +29,7 @@ from src.prune.channel import (
 )
 from src.prune.graph import build_graph
 from src.quantize import to_tflite
+from src.report import method_label
 from tests.conftest import runs_of
 
 layers = keras.layers
@@ -101,6 +110,36 @@ def test_channel_multiple_keeps_whole_simd_blocks_of_the_strongest_channels():
                if layer != "predictions")
 
 
+def test_widths_keep_each_groups_strongest_channels_and_name_the_run():
+    model = build(ModelConfig(name="resnet8"), 10)  # groups of 16, 16, 32, 32, 64, 64
+    graph = build_graph(model)
+    asked = [8, 4, 16, 24, 56, 40]
+    cfg = channel_config(widths=asked, rate=0.9, channel_multiple=8)  # widths win over both
+    keep = choose_channels(model, graph, cfg)
+    groups = prunable_groups(graph)
+    assert [int(keep[g.root].sum()) for g in groups] == asked
+    for group in groups:
+        mask, score = keep[group.root], group_scores(model, graph, group, "l1", True)
+        assert score[mask].min() >= score[~mask].max()
+    smaller = remove_channels(model, cfg)
+    assert widths(smaller)["stage3_a_conv"] == 56 and widths(smaller)["stage3_shortcut"] == 40
+    settings = settings_from(compose_config(["prune=channel", "prune.widths=[8,4,16,24,56,40]"]))
+    assert method_label(settings) == "channel 8-4-16-24-56-40 ft2"
+    assert row_name({"model": {"name": "resnet8"}, "quant": {"mode": "int8"},
+                     "prune": {"method": "channel", "rate": 0.5, "widths": asked}}) == \
+        "resnet8-channel-w8-4-16-24-56-40-int8"
+
+
+@pytest.mark.parametrize("asked, message", [
+    ([8, 8, 16], r"3 widths for the model's 6 channel groups, in order: stem_conv\+stage1_b_conv "
+                 r"\(16\), stage1_a_conv \(16\)"),
+    ([8, 8, 16, 16, 65, 48], r"stage3_a_conv has 64 channels, cannot keep 65")])
+def test_widths_that_do_not_fit_the_groups_are_refused_listing_them(asked, message):
+    model = build(ModelConfig(name="resnet8"), 10)
+    with pytest.raises(ConfigError, match=r"prune.widths: " + message):
+        remove_channels(model, channel_config(widths=asked))
+
+
 def test_groups_tie_residual_adds_and_pin_the_head():
     graph = build_graph(build(TINY_MODELS["resnet8"], 10))
     groups = {tuple(sorted(g.producers)): g for g in graph.groups().values() if g.producers}
@@ -113,10 +152,12 @@ def test_groups_tie_residual_adds_and_pin_the_head():
     ("prune.criterion=l3", "prune.criterion"), ("prune.scope=net", "prune.scope"),
     ("prune.min_channels=0", "prune.min_channels"), ("prune.rate=1.0", "prune.rate"),
     ("prune.magnitude_rate=1.0", "prune.magnitude_rate"),
-    ("prune.channel_multiple=0", "prune.channel_multiple")])
+    ("prune.channel_multiple=0", "prune.channel_multiple"),
+    ("prune.widths=[8,0]", "prune.widths"),
+    ("prune.widths=[8,8] prune.rates_from=abc", "prune.widths")])
 def test_bad_channel_settings_are_refused_by_key(make_cfg, override, key):
     with pytest.raises(ConfigError, match=key):
-        settings_from(make_cfg("prune=channel", override))
+        settings_from(make_cfg("prune=channel", *override.split()))
 
 
 def test_min_channels_that_make_the_rate_unreachable_is_refused():

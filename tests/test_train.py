@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -17,6 +18,8 @@ from src.checkpoint import EpochCheckpoint
 from src.config import (
     PROJECT_ROOT,
     AugmentConfig,
+    DistillConfig,
+    PruneConfig,
     TrainConfig,
     compose_config,
     settings_from,
@@ -165,6 +168,17 @@ def test_settings_added_later_leave_earlier_keys_as_they_were():
     flat = {"train.lr_decay": 0.99, "train.augment.rotation": 0.0, "train.lr": 0.1}
     assert without_added_defaults(flat) == {"train.lr": 0.1}
     assert without_added_defaults({**flat, "train.lr_decay": 0.9})["train.lr_decay"] == 0.9
+    # prune.widths likewise: fine-tunings checkpointed before it resume under the same key.
+    dense, train, distill = "k", TrainConfig(), DistillConfig()
+    before = {"version": baseline.CACHE_VERSION, "recipe_version": baseline.RECIPE_VERSION,
+              "baseline": dense, "prune": {k: v for k, v in asdict(PruneConfig()).items()
+                                           if k != "widths"},
+              "distill": asdict(distill), "train": baseline._recipe(train)}
+    assert baseline.finetune_key(dense, PruneConfig(), train, distill) == baseline.content_key(
+        before)
+    assert baseline.finetune_key(dense, PruneConfig(method="channel", widths=[4]), train,
+                                 distill) != baseline.finetune_key(
+                                     dense, PruneConfig(method="channel"), train, distill)
 
 
 def test_cache_key_ignores_source_text(make_cfg, tmp_path):
