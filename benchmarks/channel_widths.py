@@ -13,7 +13,8 @@ channel-pruned (``src.prune.channel.remove_channels``, global scope, no fine-tun
 shapes matter here) at each rate and ``prune.channel_multiple``, and the dense model is timed
 beside them. With --groups, each shape is the channels every prunable group keeps
 (``prune.widths``, the groups in model order) cut from --model, or from a ResNet-8 of twice the
-default width (32-64-128, random weights) without it, and the dense ResNet-8 is timed first.
+default width (32-64-128, random weights) without it; the speed-ups are over --model, or over
+the dense ResNet-8 (16-32-64) without it.
 Every model is exported to int8 TFLite with random calibration images, and all
 files are timed together as in ``benchmarks.latency``: LiteRT, batch 1, one thread, invokes
 interleaved. Prints raw bytes, MACs, the conv widths, the median and each model's speed-up
@@ -49,7 +50,7 @@ def candidates(args: argparse.Namespace) -> dict[str, keras.Model]:
     if args.groups:
         source = (keras.models.load_model(args.model, compile=False) if args.model else
                   models.build(ModelConfig(name="resnet8", filters=[32, 64, 128]), 10))
-        found = {"dense": models.build(ModelConfig(name="resnet8"), 10)}
+        found = {"dense": source if args.model else models.build(ModelConfig(name="resnet8"), 10)}
         for shape in args.groups:
             found[shape] = remove_channels(source, PruneConfig(
                 method="channel", widths=[int(w) for w in shape.split("-")]))
@@ -69,10 +70,11 @@ def candidates(args: argparse.Namespace) -> dict[str, keras.Model]:
 def main(argv: list[str] | None = None) -> None:
     """Builds or prunes, exports and times the models and prints one row each."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", nargs="+", default=DEFAULT_WIDTHS)
+    shapes = parser.add_mutually_exclusive_group()
+    shapes.add_argument("--widths", nargs="+", default=DEFAULT_WIDTHS)
+    shapes.add_argument("--groups", nargs="+", help="channels kept per group (prune.widths), "
+                        "joined by '-'; replaces --widths, --rates and --multiples")
     parser.add_argument("--model", type=Path, help="a Keras model file to channel-prune")
-    parser.add_argument("--groups", nargs="+", help="channels kept per group (prune.widths), "
-                        "joined by '-'")
     parser.add_argument("--rates", nargs="+", type=float, default=[0.3, 0.35, 0.4, 0.45, 0.5])
     parser.add_argument("--multiples", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--warmup", type=int, default=50)

@@ -60,7 +60,8 @@ DEVICE_EXPERIMENT, DEVICE_FOLDER = "device", "device"
 
 
 def row_name(config: dict) -> str:
-    """Returns a short file-safe name: model, width, pruning, rate, fine-tuning, quantization."""
+    """Returns a short file-safe name: model, width, pruning, rate (or the channels kept per
+    group, 'w8-8-16-16-64-48'), fine-tuning, quantization."""
     model, prune = config["model"], config["prune"]
     parts = [model["name"]]
     if float(model.get("alpha", 1.0)) != 1.0:

@@ -285,15 +285,15 @@ class PruneConfig:
     criterion: str = "l1"  # l1 | l2 norm of each filter
     bn_scale: bool = True  # times |gamma| of the BatchNorm after it
     scope: str = "global"  # global: one threshold over group-normalised scores | layer: per group
-    min_channels: int = 4  # channels every group keeps at least
+    min_channels: int = 4  # channels every group keeps at least (rate, rates_from)
     # each group keeps a multiple of this many channels (rounded to the nearest): int8 kernels
     # work in blocks of channels, so 17 kept channels cost about what 24 do (benchmarks/RESULTS.md)
     channel_multiple: int = 1
     magnitude_rate: float = 0.0  # > 0: then flat magnitude pruning, held while fine-tuning
-    # channels each prunable group keeps, in model order (the groups are the rows of a run's
-    # channels_per_layer.csv; a wrong count lists them): the highest-scoring channels are kept.
-    # Set, it replaces rate, scope and channel_multiple, so capacity goes where the device's
-    # kernels make it cheap (benchmarks.channel_widths --groups times such shapes)
+    # channels each prunable group keeps, in model order (a wrong count is refused before any
+    # training, listing the groups and their sizes): the highest-scoring channels are kept.
+    # Set, it replaces rate, scope, min_channels and channel_multiple, so capacity goes where
+    # the device's kernels make it cheap (benchmarks.channel_widths --groups times such shapes)
     widths: list[int] | None = None
 
     def __post_init__(self) -> None:
@@ -312,6 +312,8 @@ class PruneConfig:
         _check(self.finetune_lr > 0, "prune.finetune_lr", "must be > 0")
         _check(not self.rates_from or self.method in ("layer", "channel"), "prune.rates_from",
                f"per-layer rates need prune=layer or channel, not {self.method!r}")
+        _check(self.widths is None or self.method == "channel", "prune.widths",
+               f"channels kept per group need prune=channel, not {self.method!r}")
         if self.method == "tfmot":
             self._check_tfmot()
         if self.method == "channel":
@@ -343,8 +345,8 @@ class PruneConfig:
         _check(self.channel_multiple >= 1, "prune.channel_multiple",
                f"must be >= 1, got {self.channel_multiple}")
         _check_fraction(self.magnitude_rate, "prune.magnitude_rate", high_open=True)
-        _check(self.widths is None or all(int(w) >= 1 for w in self.widths), "prune.widths",
-               f"every group keeps at least 1 channel, got {self.widths}")
+        _check(self.widths is None or (len(self.widths) > 0 and min(self.widths) >= 1),
+               "prune.widths", f"every group keeps at least 1 channel, got {self.widths}")
         _check(self.widths is None or not self.rates_from, "prune.widths",
                "give either prune.widths or prune.rates_from, not both")
 

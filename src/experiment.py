@@ -30,7 +30,9 @@ from src.checkpoint import EpochCheckpoint
 from src.config import Settings, settings_from
 from src.keras_env import keras
 from src.locks import file_lock
+from src.models import build
 from src.prune import prune
+from src.prune.channel import check_widths
 from src.train import evaluate
 
 
@@ -50,6 +52,8 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     keras.utils.set_random_seed(settings.train.seed)
     # model=file: the loaded model is the baseline (own), and the data fit its input.
     own, dataset, key = model_file.dense_source(settings)
+    if settings.prune.widths is not None:  # refused now, not after the baseline's training
+        check_widths(own or build(settings.model, dataset.num_classes), settings.prune.widths)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("search", None)  # the search that chose these settings is logged by its worker
     resolved["tracking"]["uri"] = tracking.safe_url(resolved["tracking"]["uri"])

@@ -201,6 +201,18 @@ def _rate(params: dict[str, str]) -> float:
     return float(params.get("prune.rate") or 0.0) if method != "none" else 0.0
 
 
+def _widths(params: dict[str, str]) -> str:
+    """Returns a channel run's kept widths per group ('8-8-16-16-64-48'), '' for a rate's run."""
+    widths = params.get("prune.widths", "None")
+    return "" if widths in ("None", "null") else "-".join(
+        part.strip() for part in widths.strip("[]").split(","))
+
+
+def _rate_or_widths(params: dict[str, str]) -> str:
+    """Returns the rate ('0.70') or, for a run given widths instead, 'w' and the widths."""
+    return f"w{_widths(params)}" if _widths(params) else f"{_rate(params):.2f}"
+
+
 def _values(runs: Iterable[Run], key: str) -> str:
     return "/".join(sorted({r.data.params.get(key, "?") for r in runs}))
 
@@ -232,17 +244,19 @@ def sweep_report(runs: list[Run], out_dir: Path, sweep_id: str = "") -> tuple[st
              "|---|---|---|---|---|---|---|---|---|---|"]
     series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     points = []
-    order = sorted(jobs, key=lambda r: (label(r), _rate(r.data.params), _job(r)))
+    order = sorted(jobs, key=lambda r: (label(r), _rate_or_widths(r.data.params), _job(r)))
     for r in order:
         m, method, rate = r.data.metrics, label(r), _rate(r.data.params)
+        shown_rate = _rate_or_widths(r.data.params)
         get = lambda key, m=m: m.get(key, math.nan)  # noqa: E731
-        lines.append(f"| {_job(r)} | {method} | {rate:.2f} | {get('test_accuracy'):.4f} | "
+        lines.append(f"| {_job(r)} | {method} | {shown_rate} | {get('test_accuracy'):.4f} | "
                      f"{get('tflite_accuracy'):.4f} | {get('sparsity_global'):.3f} | "
                      f"{get('tflite_bytes') / KB:.1f} | {get('tflite_zip_bytes') / KB:.1f} | "
                      f"{get('accuracy_per_mb'):.2f} | {r.info.status} |")
         if r in finished:
-            series[method].append((rate, get("test_accuracy"), get("tflite_accuracy")))
-            points.append(plots.Point(f"#{_job(r)} {rate:.2f}", get("tflite_zip_bytes") / KB,
+            if not _widths(r.data.params):  # a run given widths has no rate to plot against
+                series[method].append((rate, get("test_accuracy"), get("tflite_accuracy")))
+            points.append(plots.Point(f"#{_job(r)} {shown_rate}", get("tflite_zip_bytes") / KB,
                                       get("tflite_accuracy"), method))
     title = f"sweep {sweep_id}: {model} on {data_name}, {quant}"
     files = [plots.accuracy_vs_rate(series, dense_accuracy, title,
@@ -266,7 +280,7 @@ def run_report(run: Run, out_dir: Path) -> tuple[str, list[Path]]:
     name = run.info.run_name or run.info.run_id
     quant = p.get("quant.mode", "?").replace("none", "float32")
     config = (f"data {p.get('data.name', '?')}, model {p.get('model.name', '?')}, "
-              f"prune {p.get('prune.method', '?')} {_rate(p):.2f}, quantization {quant}, "
+              f"prune {p.get('prune.method', '?')} {_rate_or_widths(p)}, quantization {quant}, "
               f"{p.get('train.epochs', '?')} baseline epochs, "
               f"{p.get('prune.finetune_epochs', '0')} fine-tuning epochs")
     labels = ["model .h5", "model .h5 zipped", ".tflite", ".tflite zipped"]

@@ -154,7 +154,9 @@ def test_groups_tie_residual_adds_and_pin_the_head():
     ("prune.magnitude_rate=1.0", "prune.magnitude_rate"),
     ("prune.channel_multiple=0", "prune.channel_multiple"),
     ("prune.widths=[8,0]", "prune.widths"),
-    ("prune.widths=[8,8] prune.rates_from=abc", "prune.widths")])
+    ("prune.widths=[]", "prune.widths"),
+    ("prune.widths=[8,8] prune.rates_from=abc", "prune.widths"),
+    ("prune.method=flat prune.widths=[8,8]", "prune.widths")])
 def test_bad_channel_settings_are_refused_by_key(make_cfg, override, key):
     with pytest.raises(ConfigError, match=key):
         settings_from(make_cfg("prune=channel", *override.split()))
@@ -322,12 +324,21 @@ def test_channel_run_is_smaller_and_logs_its_table(make_cfg):
     assert run(again)["params"] < pruned["params"]
 
 
-def test_channel_then_magnitude_in_one_run(make_cfg):
-    cfg = make_cfg("prune=channel", "prune.rate=0.5", "prune.min_channels=2",
-                   "prune.magnitude_rate=0.6", "prune.finetune_epochs=1")
+@pytest.mark.parametrize("channels", ["prune.rate=0.5", "prune.widths=[2,2,4,4,4,4]"])
+def test_channel_then_magnitude_in_one_run(make_cfg, channels):
+    cfg = make_cfg("prune=channel", channels, "prune.min_channels=2",
+                   "prune.magnitude_rate=0.6", "prune.finetune_epochs=1")  # filters 4, 8, 8
     metrics = run(cfg)
     assert abs(metrics["sparsity_global"] - 0.6) < 0.01  # the flat masks held while fine-tuning
     assert "channels_per_layer.csv" in {a.path for a in _artifacts(cfg)}
+
+
+def test_widths_that_do_not_fit_fail_before_training_and_record_nothing(make_cfg):
+    cfg = make_cfg("prune=channel", "prune.widths=[1]", "train.epochs=50")
+    with pytest.raises(ConfigError, match=r"prune.widths: 1 widths for the model's 6 channel "
+                                          r"groups, in order: stem_conv\+stage1_b_conv \(4\)"):
+        run(cfg)
+    assert runs_of(cfg) == []  # refused before a run opened, let alone a 50-epoch baseline
 
 
 def _artifacts(cfg):

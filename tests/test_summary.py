@@ -170,3 +170,31 @@ def test_a_sweep_over_quantization_modes_gets_a_series_per_mode(make_cfg, tmp_pa
     assert "quantization int8/float32, dense accuracy 81.00%" in header
     labels = [row.split("|")[2].strip() for row in rows[2:]]
     assert labels == ["flat float32", "flat float32", "flat int8", "flat int8"]
+
+
+def test_a_sweep_over_channel_widths_shows_each_jobs_widths_for_its_rate(make_cfg, tmp_path):
+    import mlflow
+
+    from src import tracking
+    from src.summary import run_report, sweep_report
+
+    settings = settings_from(make_cfg())
+    experiment_id = tracking.connect(settings.tracking)
+    client = mlflow.MlflowClient()
+    for job, widths in enumerate(["[8, 8, 16]", "[4, 8, 8]", "None"]):
+        run = client.create_run(experiment_id, tags={"sweep_id": "s", "sweep_job": str(job)})
+        for key, value in {"prune.method": "channel", "prune.rate": 0.5, "prune.widths": widths,
+                           "quant.mode": "int8", "model.name": "resnet8",
+                           "data.name": "synthetic"}.items():
+            client.log_param(run.info.run_id, key, value)
+        for key, value in {"tflite_accuracy": 0.7, "test_accuracy": 0.7,
+                           "baseline_test_accuracy": 0.8, "tflite_zip_bytes": 9e4}.items():
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id)
+    runs = client.search_runs([experiment_id])
+    text, _ = sweep_report(runs, tmp_path)
+    shown = {row.split("|")[1].strip(): row.split("|")[3].strip()
+             for row in text.splitlines()[3:]}
+    assert shown == {"0": "w8-8-16", "1": "w4-8-8", "2": "0.50"}  # not the unused rate
+    first = next(r for r in runs if r.data.tags["sweep_job"] == "0")
+    assert "prune channel w8-8-16, quantization int8" in run_report(first, tmp_path)[0]

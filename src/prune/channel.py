@@ -3,10 +3,10 @@
 The groups of layers whose channels change together come from src.prune.graph. Each group is
 scored per channel, the lowest channels are removed (one threshold over all groups, the same
 fraction in each, each group's share from a channel sensitivity run: prune.rates_from, or the
-number of channels each group keeps: prune.widths), and
-the functional model is rebuilt from its config with the new widths, the surviving weights
-copied over. Unlike magnitude sparsity, this shrinks the raw .tflite file and the
-multiply-accumulates, so it runs faster on any interpreter.
+number of channels each group keeps: prune.widths), and the functional model is rebuilt from
+its config with the new widths, the surviving weights copied over. Unlike magnitude sparsity,
+this shrinks the raw .tflite file and the multiply-accumulates, so it runs faster on any
+interpreter.
 """
 
 from __future__ import annotations
@@ -132,8 +132,19 @@ def choose_channels(model: keras.Model, graph: ChannelGraph, cfg: PruneConfig,
 
 def _keep_widths(groups: list[ChannelGroup], scores: dict[int, np.ndarray],
                  widths: list[int]) -> dict[int, np.ndarray]:
-    """Returns keep masks of each group's widths[i] highest-scoring channels (prune.widths),
-    or raises ConfigError naming the groups when the widths do not fit them."""
+    """Returns keep masks of each group's widths[i] highest-scoring channels (prune.widths)."""
+    _check_widths(groups, widths)
+    return {g.root: _drop(g.size, np.argsort(scores[g.root], kind="stable")[: g.size - width])
+            for g, width in zip(groups, widths)}
+
+
+def check_widths(model: keras.Model, widths: Sequence[int]) -> None:
+    """Raises ConfigError naming the model's channel groups when prune.widths does not fit
+    them (run before any training: the untrained model has the same groups)."""
+    _check_widths(prunable_groups(build_graph(as_functional(model))), [int(w) for w in widths])
+
+
+def _check_widths(groups: list[ChannelGroup], widths: list[int]) -> None:
     listing = ", ".join(f"{group_name(g)} ({g.size})" for g in groups)
     if len(widths) != len(groups):
         raise ConfigError(f"prune.widths: {len(widths)} widths for the model's {len(groups)} "
@@ -142,8 +153,6 @@ def _keep_widths(groups: list[ChannelGroup], scores: dict[int, np.ndarray],
         if width > group.size:
             raise ConfigError(f"prune.widths: {group_name(group)} has {group.size} channels, "
                               f"cannot keep {width}; the groups: {listing}")
-    return {g.root: _drop(g.size, np.argsort(scores[g.root], kind="stable")[: g.size - width])
-            for g, width in zip(groups, widths)}
 
 
 def round_to_multiple(keep: np.ndarray, score: np.ndarray, multiple: int,
@@ -290,7 +299,8 @@ def channel_table(before: keras.Model, after: keras.Model) -> str:
 
 
 def remove_channels(model: keras.Model, cfg: PruneConfig) -> keras.Model:
-    """Returns the physically smaller model with cfg.rate of its prunable channels removed."""
+    """Returns the physically smaller model with cfg.rate of its prunable channels removed
+    (or each group cut to cfg.widths)."""
     model = as_functional(model)
     graph = build_graph(model)
     return rebuild(model, graph, choose_channels(model, graph, cfg))
@@ -309,7 +319,8 @@ def prune_channel(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg
     smaller = remove_channels(model, cfg)
     artifacts = {TABLE_NAME: channel_table(model, smaller)}
     if cfg.magnitude_rate > 0:
-        flat = dataclasses.replace(cfg, method="flat", rate=cfg.magnitude_rate)
+        flat = dataclasses.replace(cfg, method="flat", rate=cfg.magnitude_rate, widths=None,
+                                   rates_from=None)  # those chose the channels, not the weights
         result = prune_magnitude(smaller, flat, data, train_cfg, callbacks, distill,
                                  checkpoint)
         return dataclasses.replace(result, artifacts=artifacts)
