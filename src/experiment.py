@@ -53,7 +53,8 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     # model=file: the loaded model is the baseline (own), and the data fit its input.
     own, dataset, key = model_file.dense_source(settings)
     if settings.prune.widths is not None:  # refused now, not after the baseline's training
-        check_widths(own or build(settings.model, dataset.num_classes), settings.prune.widths)
+        check_widths(own.model if own else build(settings.model, dataset.num_classes),
+                     settings.prune.widths)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("search", None)  # the search that chose these settings is logged by its worker
     resolved["tracking"]["uri"] = tracking.safe_url(resolved["tracking"]["uri"])

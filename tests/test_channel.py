@@ -318,10 +318,14 @@ def test_channel_run_is_smaller_and_logs_its_table(make_cfg):
     assert int(rows["stage3_a_conv"][3]) < int(rows["stage3_a_conv"][2])
     assert rows["predictions"][2] == rows["predictions"][3]
     assert int(rows["total"][5]) == pruned["params"]
-    # The run's Keras file is the smaller model, and it can be pruned again (model=file).
-    again = make_cfg("model=file", f"model.path={files}/model.h5", "prune=channel",
-                     "prune.rate=0.5", "prune.finetune_epochs=1", "prune.min_channels=2")
-    assert run(again)["params"] < pruned["params"]
+    # The run's Keras file is the smaller model, and it can be cut again (model=file) to
+    # given widths; widths that do not fit the file's groups are refused before a run opens.
+    again = ["model=file", f"model.path={files}/model.h5", "prune=channel",
+             "prune.finetune_epochs=1"]
+    with pytest.raises(ConfigError, match=r"prune.widths: 1 widths for the model's 6 channel"):
+        run(make_cfg(*again, "prune.widths=[1]"))
+    assert len(runs_of(cfg)) == 2
+    assert run(make_cfg(*again, "prune.widths=[2,2,2,2,2,2]"))["params"] < pruned["params"]
 
 
 @pytest.mark.parametrize("channels", ["prune.rate=0.5", "prune.widths=[2,2,4,4,4,4]"])
