@@ -115,6 +115,7 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             # The schedule in steps, as tfmot ran it (frequency may be clamped to the steps
             # there are).
             tracking.log_params({f"prune_steps.{k}": v for k, v in result.schedule_steps.items()})
+            tracking.set_tags(result.tags)  # e.g. the widths a channel cut kept
             out_dir = Path(settings.paths.output_dir) / "exports" / active.info.run_id
             metrics, files = export_and_measure(result.model, settings, dataset, out_dir, clock)
             (out_dir / "config.yaml").write_text(config_yaml)

@@ -313,11 +313,19 @@ def test_channel_run_is_smaller_and_logs_its_table(make_cfg):
     assert "finetune_val_accuracy" in tracked.data.metrics
     files = tracked.info.artifact_uri.removeprefix("file://")
     table = open(f"{files}/channels_per_layer.csv").read().splitlines()
-    assert table[0] == "layer,type,channels_before,channels_after,params_before,params_after"
+    assert table[0] == ("layer,type,channels_before,channels_after,params_before,params_after,"
+                        "widths_group")
     rows = {line.split(",")[0]: line.split(",") for line in table[1:]}
     assert int(rows["stage3_a_conv"][3]) < int(rows["stage3_a_conv"][2])
     assert rows["predictions"][2] == rows["predictions"][3]
     assert int(rows["total"][5]) == pruned["params"]
+    # Each group's position in prune.widths, on its convs, BatchNorms and adds' layers alike;
+    # the run's tag gives the widths kept, ready for prune.widths.
+    assert [rows[n][6] for n in ("stem_conv", "stem_bn", "stage1_b_conv", "stage1_a_conv",
+                                 "stage3_a_conv", "stage3_shortcut", "predictions")] == \
+        ["1", "1", "1", "2", "5", "6", ""]
+    kept = [next(int(r[3]) for r in rows.values() if r[6] == str(i)) for i in range(1, 7)]
+    assert tracked.data.tags["channel_widths"] == "-".join(map(str, kept))
     # The run's Keras file is the smaller model, and it can be cut again (model=file) to
     # given widths; widths that do not fit the file's groups are refused before a run opens.
     again = ["model=file", f"model.path={files}/model.h5", "prune=channel",
@@ -326,6 +334,7 @@ def test_channel_run_is_smaller_and_logs_its_table(make_cfg):
         run(make_cfg(*again, "prune.widths=[1]"))
     assert len(runs_of(cfg)) == 2
     assert run(make_cfg(*again, "prune.widths=[2,2,2,2,2,2]"))["params"] < pruned["params"]
+    assert runs_of(cfg)[0].data.tags["channel_widths"] == "2-2-2-2-2-2"
 
 
 @pytest.mark.parametrize("channels", ["prune.rate=0.5", "prune.widths=[2,2,4,4,4,4]"])

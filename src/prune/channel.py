@@ -286,16 +286,26 @@ def _sliced(graph: ChannelGraph, name: str, weights: list[np.ndarray],
 
 
 def channel_table(before: keras.Model, after: keras.Model) -> str:
-    """Returns CSV rows (layer, type, channels and params before/after) for layers with weights."""
-    lines = ["layer,type,channels_before,channels_after,params_before,params_after"]
+    """Returns CSV rows (layer, type, channels and params before/after, and the position in
+    prune.widths of the group its output channels belong to) for layers with weights."""
+    graph = build_graph(as_functional(before))
+    position = {g.root: i for i, g in enumerate(prunable_groups(graph), start=1)}
+    lines = ["layer,type,channels_before,channels_after,params_before,params_after,widths_group"]
     for layer in before.layers:
         if not layer.weights:
             continue
         new = after.get_layer(layer.name)
+        out = graph.outputs.get(layer.name)
+        group = position.get(graph.root(out), "") if isinstance(out, int) else ""
         lines.append(f"{layer.name},{type(layer).__name__},{layer.output.shape[-1]},"
-                     f"{new.output.shape[-1]},{layer.count_params()},{new.count_params()}")
-    lines.append(f"total,,,,{before.count_params()},{after.count_params()}")
+                     f"{new.output.shape[-1]},{layer.count_params()},{new.count_params()},{group}")
+    lines.append(f"total,,,,{before.count_params()},{after.count_params()},")
     return "\n".join(lines) + "\n"
+
+
+def group_widths(model: keras.Model) -> list[int]:
+    """Returns the channels of each prunable group of model, in prune.widths order."""
+    return [g.size for g in prunable_groups(build_graph(as_functional(model)))]
 
 
 def remove_channels(model: keras.Model, cfg: PruneConfig) -> keras.Model:
@@ -318,17 +328,19 @@ def prune_channel(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg
     """
     smaller = remove_channels(model, cfg)
     artifacts = {TABLE_NAME: channel_table(model, smaller)}
+    # The widths the cut kept, as prune.widths takes them: a rate's cut, adjusted by hand.
+    tags = {"channel_widths": "-".join(map(str, group_widths(smaller)))}
     if cfg.magnitude_rate > 0:
         flat = dataclasses.replace(cfg, method="flat", rate=cfg.magnitude_rate, widths=None,
                                    rates_from=None)  # those chose the channels, not the weights
         result = prune_magnitude(smaller, flat, data, train_cfg, callbacks, distill,
                                  checkpoint)
-        return dataclasses.replace(result, artifacts=artifacts)
+        return dataclasses.replace(result, artifacts=artifacts, tags=tags)
     history = {}
     if cfg.finetune_epochs:
         history = fit(smaller, data.x_train, data.y_train, data.x_val, data.y_val,
                       data.num_classes, train_cfg, epochs=cfg.finetune_epochs,
                       lr=cfg.finetune_lr, warmup_epochs=0, callbacks=list(callbacks),
                       distill=distill, checkpoint=checkpoint)
-    return PruneResult(smaller, history, {}, artifacts)
+    return PruneResult(smaller, history, {}, artifacts, tags)
 

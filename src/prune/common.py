@@ -13,7 +13,8 @@ KERNEL_ATTRIBUTE = {"Conv2D": "kernel", "Dense": "kernel", "DepthwiseConv2D": "d
 
 @dataclass
 class PruneResult:
-    """The pruned model, its fine-tuning history, the schedule in steps (tfmot) and files to log.
+    """The pruned model, its fine-tuning history, the schedule in steps (tfmot), files and
+    tags to log.
 
     artifacts maps a file name to its text (e.g. channel pruning's per-layer table).
     """
@@ -22,6 +23,7 @@ class PruneResult:
     history: dict = field(default_factory=dict)
     schedule_steps: dict = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def kernel_layers(model: keras.Model,
