@@ -73,14 +73,19 @@ def run_name(settings: Settings) -> str:
 
 
 def headline(settings: Settings, metrics: Mapping[str, float], run_id: str = "") -> str:
-    """Returns the run's one-line result: what it is, accuracy against dense, sparsity, sizes."""
+    """Returns the run's one-line result: what it is, accuracy against dense, sparsity, sizes,
+    MACs and latency (when measured)."""
     get = lambda key: metrics.get(key, math.nan)  # noqa: E731
     line = (f"{run_name(settings)}: TFLite accuracy {get('tflite_accuracy'):.2%} "
             f"(dense {get('baseline_test_accuracy'):.2%}), "
             f"sparsity {get('sparsity_global'):.1%}, "
             f".tflite {get('tflite_bytes') / KB:.1f} KB, "
-            f"zipped {get('tflite_zip_bytes') / KB:.1f} KB, "
-            f"{get('accuracy_per_mb'):.2f} accuracy/MB")
+            f"zipped {get('tflite_zip_bytes') / KB:.1f} KB, ")
+    if "tflite_latency_ms" in metrics:
+        threads = settings.measure.latency_threads
+        line += (f"{get('macs') / 1e6:.2f}M MACs, {get('tflite_latency_ms'):.3f} ms "
+                 f"({settings.measure.latency_kernels}, {threads} thread{'s' * (threads != 1)}), ")
+    line += f"{get('accuracy_per_mb'):.2f} accuracy/MB"
     return f"{line}, run {run_id}" if run_id else line
 
 

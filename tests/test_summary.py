@@ -45,7 +45,7 @@ def test_channel_pruning_is_named_by_its_rate(make_cfg):
     assert report.run_name(settings) == "resnet8 channel 0.50 int8"
 
 
-def test_headline_gives_accuracies_sparsity_sizes_in_kb_and_run_id(make_cfg):
+def test_headline_gives_accuracies_sparsity_sizes_in_kb_latency_and_run_id(make_cfg):
     settings = settings_from(make_cfg("prune=flat", "prune.rate=0.7", "quant=int8"))
     metrics = {"tflite_accuracy": 0.8312, "baseline_test_accuracy": 0.8525,
                "sparsity_global": 0.7, "tflite_bytes": 99_500, "tflite_zip_bytes": 57_600,
@@ -54,6 +54,9 @@ def test_headline_gives_accuracies_sparsity_sizes_in_kb_and_run_id(make_cfg):
         "resnet8 flat 0.70 int8: TFLite accuracy 83.12% (dense 85.25%), sparsity 70.0%, "
         ".tflite 99.5 KB, zipped 57.6 KB, 14.43 accuracy/MB, run abc123")
     assert report.size_metrics(metrics) == {"tflite_kb": 99.5, "tflite_zip_kb": 57.6}
+    metrics.update(macs=12_500_000, tflite_latency_ms=0.2357)  # every exported run has them
+    assert report.headline(settings, metrics).endswith(
+        "zipped 57.6 KB, 12.50M MACs, 0.236 ms (xnnpack, 1 thread), 14.43 accuracy/MB")
 
 
 def run_quietly(code: str, verbose: bool) -> subprocess.CompletedProcess:
