@@ -164,3 +164,22 @@ def test_sweep_and_run_summaries_attach_to_what_they_describe(sweep_root):
     newest = max(jobs, key=lambda r: r.info.start_time)
     assert "summary/sizes.png" in {
         a.path for a in client.list_artifacts(newest.info.run_id, "summary")}
+
+
+def test_a_multirun_over_widths_lists_runs_one_job_per_list(tmp_path, mlflow_template):
+    """Hydra's `a,b` sweep syntax with lists as the choices: one job per widths list."""
+    seed_mlflow_store(tmp_path, mlflow_template)
+    widths = "prune.widths=[2,2,4,4,4,4],[2,2,2,2,2,2]"
+    done = subprocess.run(
+        [sys.executable, "-m", "src.run", "--multirun", f"paths.root={tmp_path}",
+         "experiment=quick", "prune=channel", widths, "prune.finetune_epochs=0", "quant=int8",
+         *SHRINK], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs, _ = jobs_and_parent(tmp_path)
+    assert sorted((r.info.run_name, r.data.tags["channel_widths"]) for r in jobs) == [
+        ("resnet8 channel 2-2-2-2-2-2 int8", "2-2-2-2-2-2"),
+        ("resnet8 channel 2-2-4-4-4-4 int8", "2-2-4-4-4-4")]
+    assert len({r.data.tags["baseline_key"] for r in jobs}) == 1
+    text, _ = report("sweep", "latest", [f"paths.root={tmp_path}"])
+    assert {"w2-2-2-2-2-2", "w2-2-4-4-4-4"} <= {c.strip() for row in text.splitlines()
+                                                for c in row.split("|")}
