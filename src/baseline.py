@@ -26,6 +26,7 @@ from src.config import (
     ModelConfig,
     PruneConfig,
     TrainConfig,
+    with_replaced_at_default,
     without_added_defaults,
 )
 from src.data import Dataset
@@ -101,8 +102,9 @@ def finetune_key(base_key: str, prune_cfg: PruneConfig, train_cfg: TrainConfig,
                  distill_cfg: DistillConfig) -> str:
     """Returns the content address of a fine-tuning: the dense model it starts from (by its
     baseline key) and the settings that shape the weights it trains."""
+    prune = without_added_defaults(with_replaced_at_default(asdict(prune_cfg)), "prune.")
     content = {"version": CACHE_VERSION, "recipe_version": RECIPE_VERSION, "baseline": base_key,
-               "prune": without_added_defaults(asdict(prune_cfg), "prune."),
+               "prune": prune,
                "distill": asdict(distill_cfg), "train": _recipe(train_cfg)}
     return content_key(content)
 

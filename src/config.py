@@ -10,7 +10,7 @@ model is trained.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,21 @@ def without_added_defaults(settings: dict, prefix: str = "") -> dict:
     return kept
 
 
+# The prune settings that prune.widths replaces: with widths set they change nothing, so what
+# compares runs (fine-tuning cache keys, results rows, a study's resumes) sees their defaults.
+REPLACED_BY_WIDTHS = ("rate", "scope", "min_channels", "channel_multiple")
+
+
+def with_replaced_at_default(prune: dict, prefix: str = "") -> dict:
+    """Returns prune settings (a PruneConfig's dict, or flattened ones with prefix 'prune.')
+    with those prune.widths replaces at their defaults when widths is set."""
+    if prune.get(f"{prefix}widths") is None:
+        return prune
+    defaults = {f.name: f.default for f in fields(PruneConfig)}
+    return {**prune, **{f"{prefix}{name}": defaults[name] for name in REPLACED_BY_WIDTHS
+                        if f"{prefix}{name}" in prune}}
+
+
 def under(key: str, *parts: str) -> bool:
     """Returns whether a dotted setting is one of parts or inside one ('train.lr' is in 'train')."""
     return any(key == part or key.startswith(f"{part}.") for part in parts)
@@ -67,7 +82,8 @@ def shapes_result(key: str) -> bool:
 def result_settings(flat: dict) -> dict:
     """Returns the flattened settings that shape what a run computes: what results rows and a
     study's resumes compare (settings added later count only away from their neutral value)."""
-    return {key: value for key, value in without_added_defaults(flat).items()
+    return {key: value for key, value in
+            without_added_defaults(with_replaced_at_default(flat, "prune.")).items()
             if shapes_result(key)}
 
 

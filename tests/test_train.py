@@ -6,7 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import mlflow
@@ -22,6 +22,7 @@ from src.config import (
     PruneConfig,
     TrainConfig,
     compose_config,
+    result_settings,
     settings_from,
     without_added_defaults,
 )
@@ -179,6 +180,28 @@ def test_settings_added_later_leave_earlier_keys_as_they_were():
     assert baseline.finetune_key(dense, PruneConfig(method="channel", widths=[4]), train,
                                  distill) != baseline.finetune_key(
                                      dense, PruneConfig(method="channel"), train, distill)
+
+
+def test_settings_widths_replaces_do_not_tell_runs_apart():
+    # With prune.widths set, rate, scope, min_channels and channel_multiple change nothing:
+    # one fine-tuning checkpoint, one results row, one study's settings. At their defaults
+    # the key is the one widths runs had before they were left out.
+    dense, train, distill = "k", TrainConfig(), DistillConfig()
+    cut = PruneConfig(method="channel", widths=[8, 8])
+    other = PruneConfig(method="channel", widths=[8, 8], rate=0.3, scope="layer",
+                        min_channels=2, channel_multiple=8)
+    key = baseline.finetune_key(dense, cut, train, distill)
+    assert baseline.finetune_key(dense, other, train, distill) == key
+    assert key == baseline.content_key({
+        "version": baseline.CACHE_VERSION, "recipe_version": baseline.RECIPE_VERSION,
+        "baseline": dense, "prune": asdict(cut), "distill": asdict(distill),
+        "train": baseline._recipe(train)})
+    assert baseline.finetune_key(dense, replace(other, widths=None), train, distill) != \
+        baseline.finetune_key(dense, replace(cut, widths=None), train, distill)
+    flat = {f"prune.{k}": v for k, v in asdict(other).items()}
+    assert result_settings(flat) == result_settings({f"prune.{k}": v
+                                                     for k, v in asdict(cut).items()})
+    assert result_settings({**flat, "prune.widths": None})["prune.rate"] == 0.3
 
 
 def test_cache_key_ignores_source_text(make_cfg, tmp_path):
