@@ -10,7 +10,7 @@ import pytest
 
 from src.config import ConfigError
 from src.search.objectives import OBJECTIVES, epoch_estimate
-from src.search.settings import search_settings_from
+from src.search.settings import refuse_widths_dims, search_settings_from
 from src.search.study import judged_settings, make_study
 from src.search.worker import run_search
 from src.summary import report
@@ -230,6 +230,20 @@ def test_early_stopping_refuses_an_objective_it_cannot_estimate(tmp_path):
     cfg, _ = search_cfg(tmp_path, "search=accuracy_per_mb", "search.objectives=[macs]")
     with pytest.raises(ConfigError, match="^search.early_stop.rule: macs cannot be estimated"):
         search_settings_from(cfg)
+
+
+def test_a_search_over_what_fixed_widths_replace_is_refused_listing_what_to_drop(tmp_path):
+    widths = ("prune=channel", "prune.widths=[2,2,2,2,2,2]")
+    cfg, composer = search_cfg(tmp_path, "search=accuracy_per_mb", *widths)
+    with pytest.raises(ConfigError, match=(
+            r"^search.space: prune.widths fixes the channel cut, so method, rate, channel_rate, "
+            r"criterion, scope, final_sparsity, schedule, end cannot vary; drop them: "
+            r"~search.space.method ~search.space.rate .* ~search.space.end$")):
+        run_search(cfg, composer)
+    assert runs_of(cfg) == []
+    cfg, _ = search_cfg(tmp_path, "search=accuracy_per_mb", *widths, "~search.space",
+                        "+search.space={lr: {path: prune.finetune_lr, low: 0.001, high: 0.1}}")
+    refuse_widths_dims(search_settings_from(cfg).space)  # the fine-tuning may vary
 
 
 def test_a_three_objective_study_on_what_the_device_sees(tmp_path):

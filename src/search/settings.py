@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from src.config import (
     PROJECT_ROOT,
+    REPLACED_BY_WIDTHS,
     ConfigError,
     DataConfig,
     ModelConfig,
@@ -184,3 +185,18 @@ def refuse_model_dims(space: dict[str, DimensionConfig]) -> None:
         if under(dim.path, "model"):
             raise ConfigError(f"search.space.{name}.path: {dim.path} would build another model, "
                               "but model=file loads a trained one; drop this dimension")
+
+
+def refuse_widths_dims(space: dict[str, DimensionConfig]) -> None:
+    """Raises ConfigError listing the dimensions to drop when prune.widths is set: the method
+    (a non-channel one refuses widths), the settings widths replaces, and the dimensions
+    conditioned on those (every trial would fail, or sample settings that change nothing)."""
+    fixed = {f"prune.{name}" for name in ("widths", *REPLACED_BY_WIDTHS)} | {"prune"}
+    drop = []
+    for name, dim in space.items():
+        if dim.path in fixed or any(other in drop for other in dim.when):
+            drop.append(name)
+    if drop:
+        tildes = " ".join(f"~search.space.{name}" for name in drop)
+        raise ConfigError(f"search.space: prune.widths fixes the channel cut, so "
+                          f"{', '.join(drop)} cannot vary; drop them: {tildes}")

@@ -17,7 +17,12 @@ from src import tracking, units
 from src.config import ConfigError, TrackingConfig, settings_from
 from src.search.objectives import OBJECTIVES
 from src.search.orphans import close_orphan_runs, fail_dead_trials, retry_trial
-from src.search.settings import SearchConfig, refuse_model_dims, search_settings_from
+from src.search.settings import (
+    SearchConfig,
+    refuse_model_dims,
+    refuse_widths_dims,
+    search_settings_from,
+)
 from src.search.study import judged_settings, make_study
 from src.search.trial import Composer, run_trial
 
@@ -56,6 +61,8 @@ def run_search(cfg: DictConfig, compose: Composer, replay: Sequence[str] = ()) -
     base = settings_from(cfg)  # the untouched settings must be valid too
     if base.model.name == "file":
         refuse_model_dims(search.space)
+    if base.prune.widths is not None:
+        refuse_widths_dims(search.space)
     if search.early_stop.rule != "none" and base.data.val_fraction == 0:
         raise ConfigError("search.early_stop.rule: trial early stopping judges validation "
                           "accuracy; set data.val_fraction > 0 or the rule to none")
