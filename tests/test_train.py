@@ -177,6 +177,10 @@ def test_settings_added_later_leave_earlier_keys_as_they_were():
               "distill": asdict(distill), "train": baseline._recipe(train)}
     assert baseline.finetune_key(dense, PruneConfig(), train, distill) == baseline.content_key(
         before)
+    # The keys as de39550 (before prune.widths) computed them, pinned.
+    assert baseline.finetune_key(dense, PruneConfig(), train, distill) == "e7b06d3b4d341ccb"
+    assert baseline.finetune_key(dense, PruneConfig(method="channel", rate=0.3), train,
+                                 distill) == "a4f460f9ba5ffdc9"
     assert baseline.finetune_key(dense, PruneConfig(method="channel", widths=[4]), train,
                                  distill) != baseline.finetune_key(
                                      dense, PruneConfig(method="channel"), train, distill)
