@@ -26,7 +26,7 @@ import mlflow
 import yaml
 from matplotlib.figure import Figure
 
-from src.config import PROJECT_ROOT
+from src.config import PROJECT_ROOT, widths_text
 from src.config import result_settings as shaping_settings
 from src.report import STORED_BASELINE, short_model_name, stored_baseline_name
 from src.tracking import flatten
@@ -70,7 +70,7 @@ def row_name(config: dict) -> str:
     rate = (0.5 if prune.get("structured_2_4") else prune.get("final_sparsity")) \
         if prune["method"] == "tfmot" else prune.get("rate")
     if prune.get("widths"):  # channels kept per group instead of a rate
-        parts.append("w" + "-".join(str(w) for w in prune["widths"]))
+        parts.append("w" + widths_text(prune["widths"]))
     elif rate is not None:
         parts.append(f"{float(rate):.2f}")
     if prune.get("finetune_epochs"):

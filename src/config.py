@@ -59,10 +59,19 @@ def without_added_defaults(settings: dict, prefix: str = "") -> dict:
 REPLACED_BY_WIDTHS = ("rate", "scope", "min_channels", "channel_multiple")
 
 
+def widths_text(widths: list[int] | str | None) -> str:
+    """Returns prune.widths as runs show it ('8-8-16-16-64-48'), from the list or its MLflow
+    param text ('[8, 8, 16]'); '' when unset (None, or the param's 'None' or 'null')."""
+    if widths is None or widths in ("None", "null"):
+        return ""
+    parts = widths.strip("[]").split(",") if isinstance(widths, str) else widths
+    return "-".join(str(part).strip() for part in parts)
+
+
 def with_replaced_at_default(prune: dict, prefix: str = "") -> dict:
     """Returns prune settings (a PruneConfig's dict, or flattened ones with prefix 'prune.')
     with those prune.widths replaces at their defaults when widths is set."""
-    if prune.get(f"{prefix}widths") is None:
+    if not widths_text(prune.get(f"{prefix}widths")):
         return prune
     defaults = {f.name: f.default for f in fields(PruneConfig)}
     return {**prune, **{f"{prefix}{name}": defaults[name] for name in REPLACED_BY_WIDTHS

@@ -55,6 +55,8 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     if settings.prune.widths is not None:  # refused now, not after the baseline's training
         check_widths(own.model if own else build(settings.model, dataset.num_classes),
                      settings.prune.widths)
+        keras.utils.set_random_seed(settings.train.seed)  # a baseline trained next starts as
+        # it would without widths (building a model to check them drew from the seeded RNG)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("search", None)  # the search that chose these settings is logged by its worker
     resolved["tracking"]["uri"] = tracking.safe_url(resolved["tracking"]["uri"])
@@ -115,7 +117,8 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             # The schedule in steps, as tfmot ran it (frequency may be clamped to the steps
             # there are).
             tracking.log_params({f"prune_steps.{k}": v for k, v in result.schedule_steps.items()})
-            tracking.set_tags(result.tags)  # e.g. the widths a channel cut kept
+            if result.tags:  # e.g. the widths a channel cut kept
+                tracking.set_tags(result.tags)
             out_dir = Path(settings.paths.output_dir) / "exports" / active.info.run_id
             metrics, files = export_and_measure(result.model, settings, dataset, out_dir, clock)
             (out_dir / "config.yaml").write_text(config_yaml)

@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from src.config import Settings
+from src.config import Settings, widths_text
 from src.units import KB
 
 EXPERIMENT_NOTE = (
@@ -55,7 +55,7 @@ def method_label(settings: Settings) -> str:
         return "tfmot 2:4" if prune.structured_2_4 else f"tfmot {prune.final_sparsity:.2f}"
     label = f"{prune.method} {prune.rate:.2f}"
     if getattr(prune, "widths", None):  # channels kept per group, given rather than a rate
-        label = f"{prune.method} {'-'.join(str(w) for w in prune.widths)}"
+        label = f"{prune.method} {widths_text(prune.widths)}"
     if getattr(prune, "rates_from", None):  # per-layer rates from a sensitivity run
         label += " sensitivity"
     return f"{label} ft{prune.finetune_epochs}" if prune.finetune_epochs else label

@@ -23,7 +23,14 @@ import optuna
 from mlflow.entities import Run
 
 from src import plots, tracking
-from src.config import ConfigError, Settings, compose_config, settings_from, under
+from src.config import (
+    ConfigError,
+    Settings,
+    compose_config,
+    settings_from,
+    under,
+    widths_text,
+)
 from src.search.objectives import OBJECTIVES
 from src.search.settings import SearchConfig, search_settings_from
 from src.search.trial import RECORDED
@@ -203,9 +210,7 @@ def _rate(params: dict[str, str]) -> float:
 
 def _widths(params: dict[str, str]) -> str:
     """Returns a channel run's kept widths per group ('8-8-16-16-64-48'), '' for a rate's run."""
-    widths = params.get("prune.widths", "None")
-    return "" if widths in ("None", "null") else "-".join(
-        part.strip() for part in widths.strip("[]").split(","))
+    return widths_text(params.get("prune.widths"))
 
 
 def _rate_or_widths(params: dict[str, str]) -> str:

@@ -335,6 +335,8 @@ def test_channel_run_is_smaller_and_logs_its_table(make_cfg):
     assert len(runs_of(cfg)) == 2
     assert run(make_cfg(*again, "prune.widths=[2,2,2,2,2,2]"))["params"] < pruned["params"]
     assert runs_of(cfg)[0].data.tags["channel_widths"] == "2-2-2-2-2-2"
+    assert run(make_cfg(*again, "prune.rate=0.3", "prune.min_channels=2"))["params"] < \
+        pruned["params"]  # or by a rate again, in rounds
 
 
 @pytest.mark.parametrize("channels", ["prune.rate=0.5", "prune.widths=[2,2,4,4,4,4]"])
@@ -344,6 +346,8 @@ def test_channel_then_magnitude_in_one_run(make_cfg, channels):
     metrics = run(cfg)
     assert abs(metrics["sparsity_global"] - 0.6) < 0.01  # the flat masks held while fine-tuning
     assert "channels_per_layer.csv" in {a.path for a in _artifacts(cfg)}
+    if "widths" in channels:
+        assert runs_of(cfg)[0].data.tags["channel_widths"] == "2-2-4-4-4-4"
 
 
 def test_widths_that_do_not_fit_fail_before_training_and_record_nothing(make_cfg):

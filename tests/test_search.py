@@ -237,8 +237,9 @@ def test_a_search_over_what_fixed_widths_replace_is_refused_listing_what_to_drop
     cfg, composer = search_cfg(tmp_path, "search=accuracy_per_mb", *widths)
     with pytest.raises(ConfigError, match=(
             r"^search.space: prune.widths fixes the channel cut, so method, rate, channel_rate, "
-            r"criterion, scope, final_sparsity, schedule, end cannot vary; drop them: "
-            r"~search.space.method ~search.space.rate .* ~search.space.end$")):
+            r"scope cannot vary, and criterion, final_sparsity, schedule, end are conditioned on "
+            r"them \(or give those again without `when`\); drop: ~search.space.method "
+            r"~search.space.rate .* ~search.space.end$")):
         run_search(cfg, composer)
     assert runs_of(cfg) == []
     cfg, _ = search_cfg(tmp_path, "search=accuracy_per_mb", *widths, "~search.space",

@@ -57,6 +57,8 @@ def test_headline_gives_accuracies_sparsity_sizes_in_kb_latency_and_run_id(make_
     metrics.update(macs=12_500_000, tflite_latency_ms=0.2357)  # every exported run has them
     assert report.headline(settings, metrics).endswith(
         "zipped 57.6 KB, 12.50M MACs, 0.236 ms (xnnpack, 1 thread), 14.43 accuracy/MB")
+    settings.measure.latency_kernels, settings.measure.latency_threads = "builtin", 2
+    assert "0.236 ms (builtin, 2 threads)" in report.headline(settings, metrics)
 
 
 def run_quietly(code: str, verbose: bool) -> subprocess.CompletedProcess:

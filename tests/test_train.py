@@ -195,7 +195,7 @@ def test_settings_widths_replaces_do_not_tell_runs_apart():
     other = PruneConfig(method="channel", widths=[8, 8], rate=0.3, scope="layer",
                         min_channels=2, channel_multiple=8)
     key = baseline.finetune_key(dense, cut, train, distill)
-    assert baseline.finetune_key(dense, other, train, distill) == key
+    assert baseline.finetune_key(dense, other, train, distill) == key == "e21f382c25ddf1dc"
     assert key == baseline.content_key({
         "version": baseline.CACHE_VERSION, "recipe_version": baseline.RECIPE_VERSION,
         "baseline": dense, "prune": asdict(cut), "distill": asdict(distill),
@@ -206,6 +206,7 @@ def test_settings_widths_replaces_do_not_tell_runs_apart():
     assert result_settings(flat) == result_settings({f"prune.{k}": v
                                                      for k, v in asdict(cut).items()})
     assert result_settings({**flat, "prune.widths": None})["prune.rate"] == 0.3
+    assert result_settings({**flat, "prune.widths": "None"})["prune.rate"] == 0.3  # a param
 
 
 def test_cache_key_ignores_source_text(make_cfg, tmp_path):

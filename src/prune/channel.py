@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from src.checkpoint import EpochCheckpoint
-from src.config import ConfigError, PruneConfig, TrainConfig
+from src.config import ConfigError, PruneConfig, TrainConfig, widths_text
 from src.data import Dataset
 from src.distill import Distillation
 from src.keras_env import keras, tf
@@ -329,7 +329,7 @@ def prune_channel(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg
     smaller = remove_channels(model, cfg)
     artifacts = {TABLE_NAME: channel_table(model, smaller)}
     # The widths the cut kept, as prune.widths takes them: a rate's cut, adjusted by hand.
-    tags = {"channel_widths": "-".join(map(str, group_widths(smaller)))}
+    tags = {"channel_widths": widths_text(group_widths(smaller))}
     if cfg.magnitude_rate > 0:
         flat = dataclasses.replace(cfg, method="flat", rate=cfg.magnitude_rate, widths=None,
                                    rates_from=None)  # those chose the channels, not the weights

@@ -189,14 +189,18 @@ def refuse_model_dims(space: dict[str, DimensionConfig]) -> None:
 
 def refuse_widths_dims(space: dict[str, DimensionConfig]) -> None:
     """Raises ConfigError listing the dimensions to drop when prune.widths is set: the method
-    (a non-channel one refuses widths), the settings widths replaces, and the dimensions
-    conditioned on those (every trial would fail, or sample settings that change nothing)."""
-    fixed = {f"prune.{name}" for name in ("widths", *REPLACED_BY_WIDTHS)} | {"prune"}
-    drop = []
+    (a non-channel one refuses widths), the settings widths replaces or refuses, and the
+    dimensions conditioned on those (a condition must name a dimension listed before it)."""
+    fixed = {"prune", "prune.method", "prune.rates_from",
+             *(f"prune.{name}" for name in ("widths", *REPLACED_BY_WIDTHS))}
+    varied = [name for name, dim in space.items() if dim.path in fixed]
+    conditioned = []
     for name, dim in space.items():
-        if dim.path in fixed or any(other in drop for other in dim.when):
-            drop.append(name)
-    if drop:
-        tildes = " ".join(f"~search.space.{name}" for name in drop)
+        if name not in varied and any(o in varied or o in conditioned for o in dim.when):
+            conditioned.append(name)
+    if varied:
+        tildes = " ".join(f"~search.space.{name}" for name in varied + conditioned)
+        also = (f", and {', '.join(conditioned)} are conditioned on them (or give those again "
+                "without `when`)") if conditioned else ""
         raise ConfigError(f"search.space: prune.widths fixes the channel cut, so "
-                          f"{', '.join(drop)} cannot vary; drop them: {tildes}")
+                          f"{', '.join(varied)} cannot vary{also}; drop: {tildes}")
