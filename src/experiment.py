@@ -55,8 +55,9 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     if settings.prune.widths is not None:  # refused now, not after the baseline's training
         check_widths(own.model if own else build(settings.model, dataset.num_classes),
                      settings.prune.widths)
-        keras.utils.set_random_seed(settings.train.seed)  # a baseline trained next starts as
-        # it would without widths (building a model to check them drew from the seeded RNG)
+        # Building a model to check them drew from the seeded RNG: reseed, so a baseline
+        # trained next starts from the weights it would without widths.
+        keras.utils.set_random_seed(settings.train.seed)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("search", None)  # the search that chose these settings is logged by its worker
     resolved["tracking"]["uri"] = tracking.safe_url(resolved["tracking"]["uri"])
