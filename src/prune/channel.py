@@ -141,7 +141,11 @@ def _keep_widths(groups: list[ChannelGroup], scores: dict[int, np.ndarray],
 def check_widths(model: keras.Model, widths: Sequence[int]) -> None:
     """Raises ConfigError naming the model's channel groups when prune.widths does not fit
     them (run before any training: the untrained model has the same groups)."""
-    _check_widths(prunable_groups(build_graph(as_functional(model))), [int(w) for w in widths])
+    _check_widths(_groups_of(model), [int(w) for w in widths])
+
+
+def _groups_of(model: keras.Model) -> list[ChannelGroup]:
+    return prunable_groups(build_graph(as_functional(model)))
 
 
 def _check_widths(groups: list[ChannelGroup], widths: list[int]) -> None:
@@ -305,7 +309,7 @@ def channel_table(before: keras.Model, after: keras.Model) -> str:
 
 def group_widths(model: keras.Model) -> list[int]:
     """Returns the channels of each prunable group of model, in prune.widths order."""
-    return [g.size for g in prunable_groups(build_graph(as_functional(model)))]
+    return [g.size for g in _groups_of(model)]
 
 
 def remove_channels(model: keras.Model, cfg: PruneConfig) -> keras.Model:
