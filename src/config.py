@@ -440,6 +440,8 @@ class TrackingConfig:
     experiment: str = "prunesweep"
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # The same command after an interruption goes on in the interrupted run (not a new one).
+    continue_interrupted: bool = True
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment), "tracking.experiment", "must not be empty")

@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from src import (
@@ -70,6 +71,7 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         "prune_method": settings.prune.method,
         "quant_mode": settings.quant.mode,
         "processor": speed.processor(),  # int8 latencies compare only on one kind of CPU
+        "host": tracking.HOST,
         **(extra_tags or {}),
     }
     params = tracking.flatten(resolved)
@@ -77,7 +79,7 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         params["objective"] = tags["search.objectives"]
     # Always an explicit name: MLflow's random one comes from the RNG the seed just reset.
     name = name_prefix + (settings.tracking.run_name or report.run_name(settings))
-    with tracking.tracked_run(settings.tracking, tags, run_name=name, nested=nested) as active:
+    with tracked(settings, tags, name, nested) as active:
         tracking.log_params(params)
         if own:
             print(f"dense baseline: loaded from {settings.model.path} (key {key})")
@@ -139,6 +141,34 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             tracking.set_tags({"mlflow.note.content": report.headline(settings, metrics)})
     print("result: " + report.headline(settings, metrics, active.info.run_id), flush=True)
     return metrics
+
+
+@contextlib.contextmanager
+def tracked(settings: Settings, tags: dict[str, str], name: str,
+            nested: bool) -> Iterator[mlflow.ActiveRun]:
+    """Yields the experiment's MLflow run: a new one, or the run that the same settings left
+    unfinished on this host (interrupted, or RUNNING after its process died), so that a
+    resumed training goes on in the run that started it (tracking.continue_interrupted).
+
+    A lock per config_hash is held while the run is active: a RUNNING run with the lock free
+    has lost its process. Two processes with the same settings at once each get their own run.
+    A search's trials (nested) are never continued: a stopped trial is retried as a new one.
+    """
+    if nested or not settings.tracking.continue_interrupted:
+        with tracking.tracked_run(settings.tracking, tags, run_name=name,
+                                  nested=nested) as active:
+            yield active
+        return
+    lock = Path(settings.paths.cache_dir) / "runs" / f"{tags['config_hash']}.lock"
+    with file_lock(lock, wait=False) as alone:
+        left = tracking.unfinished_run(settings.tracking, tags["config_hash"]) if alone else None
+        if left:
+            print(f"continuing MLflow run {left.info.run_id} ({left.info.run_name}), "
+                  + ("interrupted" if left.info.status == "KILLED" else
+                     "left RUNNING by a process that is gone"), flush=True)
+        with tracking.tracked_run(settings.tracking, tags, run_name=name,
+                                  continuing=left) as active:
+            yield active
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -89,13 +90,27 @@ class StoppedEarly(Exception):
     """Raised by a training callback that ends a run on purpose (e.g. a hopeless search trial)."""
 
 
+HOST = socket.gethostname()  # tags every run: whether a RUNNING run's process is gone is
+# known only on its own host
+
+
 @contextlib.contextmanager
 def tracked_run(cfg: TrackingConfig, tags: Mapping[str, str], run_name: str | None = None,
-                nested: bool = False) -> Iterator[mlflow.ActiveRun]:
-    """Yields an active MLflow run that ends FINISHED, FAILED, or KILLED (Ctrl-C, StoppedEarly)."""
+                nested: bool = False, continuing: mlflow.entities.Run | None = None,
+                ) -> Iterator[mlflow.ActiveRun]:
+    """Yields an active MLflow run that ends FINISHED, FAILED, or KILLED (Ctrl-C, StoppedEarly):
+    a new one, or the run continuing names (see unfinished_run), tagged with its resumes."""
     experiment_id = connect(cfg)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run_name,
-                           nested=nested, tags={**cfg.tags, **tags})
+    if continuing:
+        before = continuing.data.tags
+        run = mlflow.start_run(run_id=continuing.info.run_id, tags={
+            **cfg.tags, **tags, "resumes": int(before.get("resumes", 0)) + 1})
+        for gone in ("interrupted", "closed_because"):  # about the stop it resumes from
+            if gone in before:
+                mlflow.MlflowClient().delete_tag(continuing.info.run_id, gone)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run_name,
+                               nested=nested, tags={**cfg.tags, **tags})
     status = RunStatus.FAILED
     try:
         yield run
@@ -118,6 +133,25 @@ def _tag_quietly(key: str, value: str) -> None:
         mlflow.set_tag(key, value)
     except Exception:  # noqa: BLE001
         pass
+
+
+def unfinished_run(cfg: TrackingConfig, config_hash: str) -> mlflow.entities.Run | None:
+    """Returns the run that the same settings left unfinished on this host, or None.
+
+    That is the newest top-level run with this config_hash, if it was started here and either
+    interrupted (KILLED, tag interrupted: Ctrl-C, SIGTERM) or is still RUNNING. The caller
+    holds the settings' lock (experiment.py), so a RUNNING one has lost its process (SIGKILL,
+    a session or machine that ended). A FAILED run is a record of its failure: never continued.
+    """
+    runs = [r for r in find_runs(cfg, {"config_hash": config_hash})
+            if "mlflow.parentRunId" not in r.data.tags]
+    if not runs or runs[0].data.tags.get("host") != HOST:
+        return None
+    newest = runs[0]
+    if newest.info.status == "RUNNING" or (
+            newest.info.status == "KILLED" and "interrupted" in newest.data.tags):
+        return newest
+    return None
 
 
 def running_runs(cfg: TrackingConfig, tags: Mapping[str, str]) -> list[mlflow.entities.Run]:
@@ -236,8 +270,17 @@ class EpochCurves:
         self.logged.add(epoch)
 
     def finish(self, history: Mapping[str, list[float]]) -> None:
-        """Logs the epochs of the whole history that were not logged as they ended."""
-        log_history(self.prefix, history, skip=self.logged)
+        """Logs the epochs of the whole history that the run does not hold yet: not logged as
+        they ended, nor by the process that a continued run resumes from."""
+        epochs = max((len(values) for values in history.values()), default=0)
+        unseen = [epoch for epoch in range(epochs) if epoch not in self.logged]
+        held = set(self.logged)
+        if unseen:  # only then asks the store which steps the run holds
+            client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
+            in_run = [{m.step for m in client.get_metric_history(run_id, f"{self.prefix}_{name}")}
+                      for name in history]
+            held |= {epoch for epoch in unseen if all(epoch in steps for steps in in_run)}
+        log_history(self.prefix, history, skip=held)
 
 
 def log_artifacts(paths: list[Path]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 
@@ -26,8 +27,14 @@ def test_killed_finetuning_resumes_at_epoch_3(tmp_path):
               if line.startswith("Epoch ")]
     assert epochs == ["3/4", "4/4"]  # the baseline was stored; only fine-tuning epochs left
     assert not list(finetune.glob("*.ckpt"))  # removed once the run has its model
-    finished = [r for r in runs_of(compose_config(overrides)) if r.info.status == "FINISHED"]
+    # The killed run, left RUNNING, is the run that goes on: one run, one curve.
+    assert "continuing MLflow run" in output and "left RUNNING by a process that is gone" in output
+    runs = runs_of(compose_config(overrides))
+    assert [(r.info.status, r.data.tags["resumes"]) for r in runs] == [("FINISHED", "1")]
+    finished = runs
     assert [r.data.tags["finetune_resumed_from_epoch"] for r in finished] == ["2"]
+    curve = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "finetune_loss")
+    assert sorted(m.step for m in curve) == [0, 1, 2, 3]  # each epoch once
     sparsity = finished[0].data.metrics["sparsity_global"]
     assert np.isclose(sparsity, 0.3, atol=0.02)  # the masks held through the resume
 
@@ -66,6 +73,59 @@ def test_a_fine_tuning_running_elsewhere_keeps_its_checkpoint_to_itself(make_cfg
     assert "another process is fine-tuning these settings now" in capsys.readouterr().out
     with finetune_checkpoint(settings, "k") as again:  # released with the first
         assert again is not None and again.folder == first.folder
+
+
+def test_the_same_settings_continue_only_their_interrupted_run(make_cfg, capsys):
+    from src import tracking
+    from src.experiment import tracked
+    from src.locks import file_lock
+
+    settings = settings_from(make_cfg())
+    tags = {"config_hash": "c0ffee", "host": tracking.HOST}
+
+    def start(**extra) -> str:
+        with tracked(settings, {**tags, **extra}, "a run", nested=False) as active:
+            return active.info.run_id
+
+    def interrupt(**extra) -> str:
+        with pytest.raises(KeyboardInterrupt):
+            with tracked(settings, {**tags, **extra}, "a run", nested=False) as active:
+                ran.append(active.info.run_id)
+                raise KeyboardInterrupt
+        return ran[-1]
+
+    ran: list[str] = []
+    first = interrupt()
+    assert mlflow.get_run(first).data.tags["interrupted"] == "true"
+    assert start() == first  # continued, and its stop no longer tagged
+    run = mlflow.get_run(first)
+    assert (run.info.status, run.data.tags.get("interrupted"), run.data.tags["resumes"]) \
+        == ("FINISHED", None, "1")
+    assert "continuing MLflow run " + first in capsys.readouterr().out
+    assert start() != first  # a finished run is not continued: the same command runs again
+
+    with pytest.raises(RuntimeError):  # a FAILED run stays the record of its failure
+        with tracked(settings, tags, "a run", nested=False):
+            raise RuntimeError("the converter crashed")
+    assert mlflow.get_run(start()).data.tags.get("resumes") is None
+
+    def killed() -> str:
+        run_id = interrupt()
+        mlflow.MlflowClient().set_terminated(run_id, "RUNNING")  # as a SIGKILL leaves it
+        return run_id
+
+    running = killed()
+    lock = Path(settings.paths.cache_dir) / "runs" / "c0ffee.lock"
+    with file_lock(lock):  # its process still runs: a run of its own
+        assert start() != running
+    left = killed()
+    assert start() == left  # its process is gone
+    other_host = interrupt(host="elsewhere")  # a run elsewhere: its process cannot be checked
+    assert start() != other_host
+    off = settings_from(make_cfg("tracking.continue_interrupted=false"))
+    kept = interrupt()
+    with tracked(off, tags, "a run", nested=False) as active:
+        assert active.info.run_id != kept
 
 
 def test_file_lock_waits_or_reports_who_holds_it(tmp_path):
