@@ -129,6 +129,7 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
                 (out_dir / file_name).write_text(text)
                 files.append(out_dir / file_name)
             metrics["baseline_test_accuracy"] = base.test_accuracy
+            metrics["baseline_params"] = speed.params(base.model)
             if teacher:
                 metrics["teacher_test_accuracy"] = teacher.test_accuracy
             metrics.update({f"{phase}_seconds": seconds
@@ -138,8 +139,10 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             tracking.log_artifacts([*files, out_dir / "config.yaml"])
             if checkpoint:  # only now: an export stopped or failed resumes after the last epoch
                 checkpoint.remove()
-            tracking.set_tags({"mlflow.note.content": report.headline(settings, metrics)})
-    print("result: " + report.headline(settings, metrics, active.info.run_id), flush=True)
+            widths = result.tags.get("channel_widths")
+            tracking.set_tags({"mlflow.note.content": report.headline(settings, metrics,
+                                                                      widths=widths)})
+    print("result: " + report.headline(settings, metrics, active.info.run_id, widths), flush=True)
     return metrics
 
 

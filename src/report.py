@@ -72,13 +72,19 @@ def run_name(settings: Settings) -> str:
     return f"{model_label(settings)} {method_label(settings)} {quant_label(settings)}"
 
 
-def headline(settings: Settings, metrics: Mapping[str, float], run_id: str = "") -> str:
-    """Returns the run's one-line result: what it is, accuracy against dense, sparsity, sizes,
-    MACs and latency (when measured)."""
+def headline(settings: Settings, metrics: Mapping[str, float], run_id: str = "",
+             widths: str | None = None) -> str:
+    """Returns the run's one-line result: what it is, accuracy against dense, what pruning
+    removed (a channel cut's widths and parameters, magnitude sparsity), sizes, MACs and
+    latency (when measured)."""
     get = lambda key: metrics.get(key, math.nan)  # noqa: E731
+    removed = f"sparsity {get('sparsity_global'):.1%}"
+    if widths:  # sparsity only when magnitude pruning followed the cut
+        removed = (f"widths {widths}, {get('params') / 1e3:.1f}k of "
+                   f"{get('baseline_params') / 1e3:.1f}k params"
+                   + (f", {removed}" if get("sparsity_global") >= 0.0005 else ""))
     line = (f"{run_name(settings)}: TFLite accuracy {get('tflite_accuracy'):.2%} "
-            f"(dense {get('baseline_test_accuracy'):.2%}), "
-            f"sparsity {get('sparsity_global'):.1%}, "
+            f"(dense {get('baseline_test_accuracy'):.2%}), {removed}, "
             f".tflite {get('tflite_bytes') / KB:.1f} KB, "
             f"zipped {get('tflite_zip_bytes') / KB:.1f} KB, ")
     if "tflite_latency_ms" in metrics:

@@ -59,6 +59,13 @@ def test_headline_gives_accuracies_sparsity_sizes_in_kb_latency_and_run_id(make_
         "zipped 57.6 KB, 12.50M MACs, 0.236 ms (xnnpack, 1 thread), 14.43 accuracy/MB")
     settings.measure.latency_kernels, settings.measure.latency_threads = "builtin", 2
     assert "0.236 ms (builtin, 2 threads)" in report.headline(settings, metrics)
+    # A channel cut: its widths and parameters, sparsity only with magnitude pruning after it.
+    metrics.update(sparsity_global=0.0, params=15_040, baseline_params=78_666)
+    assert "(dense 85.25%), widths 8-8-16-16-64-48, 15.0k of 78.7k params, .tflite" in \
+        report.headline(settings, metrics, widths="8-8-16-16-64-48")
+    metrics["sparsity_global"] = 0.3
+    assert "of 78.7k params, sparsity 30.0%, .tflite" in \
+        report.headline(settings, metrics, widths="8-8-16-16-64-48")
 
 
 def run_quietly(code: str, verbose: bool) -> subprocess.CompletedProcess:
