@@ -149,29 +149,39 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
 @contextlib.contextmanager
 def tracked(settings: Settings, tags: dict[str, str], name: str,
             nested: bool) -> Iterator[mlflow.ActiveRun]:
-    """Yields the experiment's MLflow run: a new one, or the run that the same settings left
-    unfinished on this host (interrupted, or RUNNING after its process died), so that a
-    resumed training goes on in the run that started it (tracking.continue_interrupted).
+    """Yields the experiment's MLflow run: a new one, or the run that the same command left
+    unfinished (tracking.continue_interrupted; see tracking.unfinished_run), so that a resumed
+    training goes on in the run that started it.
 
-    A lock per config_hash is held while the run is active: a RUNNING run with the lock free
-    has lost its process. Two processes with the same settings at once each get their own run.
-    A search's trials (nested) are never continued: a stopped trial is retried as a new one.
+    Every process with these settings holds a shared lock on <hash>.live while its run is
+    active, released only after the run has ended: a RUNNING run is taken for dead only when
+    nobody holds it. Choosing and starting are one step at a time (<hash>.lock). A sweep's
+    jobs and a search's trials (nested) always get new runs.
     """
     if nested or not settings.tracking.continue_interrupted:
         with tracking.tracked_run(settings.tracking, tags, run_name=name,
                                   nested=nested) as active:
             yield active
         return
-    lock = Path(settings.paths.cache_dir) / "runs" / f"{tags['config_hash']}.lock"
-    with file_lock(lock, wait=False) as alone:
-        left = tracking.unfinished_run(settings.tracking, tags["config_hash"]) if alone else None
-        if left:
-            print(f"continuing MLflow run {left.info.run_id} ({left.info.run_name}), "
-                  + ("interrupted" if left.info.status == "KILLED" else
-                     "left RUNNING by a process that is gone"), flush=True)
-        with tracking.tracked_run(settings.tracking, tags, run_name=name,
-                                  continuing=left) as active:
-            yield active
+    locks = Path(settings.paths.cache_dir) / "runs" / tags["config_hash"]
+    with contextlib.ExitStack() as stack:
+        live = stack.enter_context(contextlib.ExitStack())  # exits after the run has ended
+        with file_lock(locks.with_suffix(".lock")):
+            with file_lock(locks.with_suffix(".live"), wait=False) as nobody_running:
+                pass
+            left, dead = tracking.unfinished_run(settings.tracking, tags, not nobody_running)
+            if left:
+                print(f"continuing MLflow run {left.info.run_id} ({left.info.run_name}), "
+                      + ("interrupted" if left.info.status == "KILLED" else
+                         "left RUNNING by a process that is gone"), flush=True)
+            active = stack.enter_context(tracking.tracked_run(
+                settings.tracking, tags, run_name=name, continuing=left))
+            if dead:  # e.g. killed under another commit: closed, not continued
+                tracking.close_run(dead, f"its process is gone; run {active.info.run_id} "
+                                         "has the same settings (another commit, data or "
+                                         "baseline)")
+            live.enter_context(file_lock(locks.with_suffix(".live"), shared=True))
+        yield active
 
 
 @contextlib.contextmanager

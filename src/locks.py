@@ -13,8 +13,9 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
-    """Holds an exclusive lock on path (created, with its folder) while the block runs.
+def file_lock(path: Path, wait: bool = True, shared: bool = False) -> Iterator[bool]:
+    """Holds an exclusive lock on path (created, with its folder) while the block runs, or
+    with shared=True one that other shared holders may hold too.
 
     Yields True once held; with wait=False, yields False at once, holding nothing, when
     another process holds it. The lock ends with the block, or with the process if it dies.
@@ -22,7 +23,8 @@ def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+                        | (0 if wait else fcntl.LOCK_NB))
             held = True
         except BlockingIOError:
             held = False

@@ -80,8 +80,8 @@ def headline(settings: Settings, metrics: Mapping[str, float], run_id: str = "",
     get = lambda key: metrics.get(key, math.nan)  # noqa: E731
     removed = f"sparsity {get('sparsity_global'):.1%}"
     if widths:  # sparsity only when magnitude pruning followed the cut
-        removed = (f"widths {widths}, {get('params') / 1e3:.1f}k of "
-                   f"{get('baseline_params') / 1e3:.1f}k params"
+        removed = (f"widths {widths}, {_count(get('params'))} of "
+                   f"{_count(get('baseline_params'))} params"
                    + (f", {removed}" if get("sparsity_global") >= 0.0005 else ""))
     line = (f"{run_name(settings)}: TFLite accuracy {get('tflite_accuracy'):.2%} "
             f"(dense {get('baseline_test_accuracy'):.2%}), {removed}, "
@@ -93,6 +93,11 @@ def headline(settings: Settings, metrics: Mapping[str, float], run_id: str = "",
                  f"({settings.measure.latency_kernels}, {threads} thread{'s' * (threads != 1)}), ")
     line += f"{get('accuracy_per_mb'):.2f} accuracy/MB"
     return f"{line}, run {run_id}" if run_id else line
+
+
+def _count(n: float) -> str:
+    """Returns a parameter count as 15.0k or 2.24M."""
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
 def size_metrics(metrics: Mapping[str, float]) -> dict[str, float]:

@@ -102,17 +102,14 @@ def tracked_run(cfg: TrackingConfig, tags: Mapping[str, str], run_name: str | No
     a new one, or the run continuing names (see unfinished_run), tagged with its resumes."""
     experiment_id = connect(cfg)
     if continuing:
-        before = continuing.data.tags
-        run = mlflow.start_run(run_id=continuing.info.run_id, tags={
-            **cfg.tags, **tags, "resumes": int(before.get("resumes", 0)) + 1})
-        for gone in ("interrupted", "closed_because"):  # about the stop it resumes from
-            if gone in before:
-                mlflow.MlflowClient().delete_tag(continuing.info.run_id, gone)
+        run = mlflow.start_run(run_id=continuing.info.run_id, tags={**cfg.tags, **tags})
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run_name,
                                nested=nested, tags={**cfg.tags, **tags})
     status = RunStatus.FAILED
     try:
+        if continuing:
+            _forget_the_stop(continuing)
         yield run
         status = RunStatus.FINISHED
     except (KeyboardInterrupt, StoppedEarly) as stop:
@@ -127,6 +124,16 @@ def tracked_run(cfg: TrackingConfig, tags: Mapping[str, str], run_name: str | No
         mlflow.end_run(RunStatus.to_string(status))
 
 
+def _forget_the_stop(run: mlflow.entities.Run) -> None:
+    """Counts a continued run's resumes and removes the tags of the attempt it goes on from
+    (how it stopped, where that attempt resumed), which no longer describe it."""
+    before = run.data.tags
+    mlflow.set_tag("resumes", int(before.get("resumes", 0)) + 1)
+    for gone in ("interrupted", "resumed_from_epoch", "finetune_resumed_from_epoch"):
+        if gone in before:
+            mlflow.MlflowClient().delete_tag(run.info.run_id, gone)
+
+
 def _tag_quietly(key: str, value: str) -> None:
     """Tags the active run; a tracking store that fails here must not hide the first error."""
     try:
@@ -135,23 +142,33 @@ def _tag_quietly(key: str, value: str) -> None:
         pass
 
 
-def unfinished_run(cfg: TrackingConfig, config_hash: str) -> mlflow.entities.Run | None:
-    """Returns the run that the same settings left unfinished on this host, or None.
+# What a continued run shares with the process that goes on in it, beyond its config_hash:
+# the same machine, dense baseline, data and code.
+SAME_RUN = ("host", "baseline_key", "data_fingerprint", "git_commit")
 
-    That is the newest top-level run with this config_hash, if it was started here and either
-    interrupted (KILLED, tag interrupted: Ctrl-C, SIGTERM) or is still RUNNING. The caller
-    holds the settings' lock (experiment.py), so a RUNNING one has lost its process (SIGKILL,
-    a session or machine that ended). A FAILED run is a record of its failure: never continued.
+
+def unfinished_run(cfg: TrackingConfig, tags: Mapping[str, str],
+                   anyone_running: bool) -> tuple[mlflow.entities.Run | None, str | None]:
+    """Returns (the run to continue, a dead RUNNING run to close instead) for the settings
+    in tags (config_hash, SAME_RUN), each or both None.
+
+    The candidate is the newest top-level run of these settings that is not a sweep's job,
+    if it was interrupted (KILLED, tag interrupted: Ctrl-C, SIGTERM), or is RUNNING on this
+    host while no process with these settings runs there (SIGKILL, a lost session). It is
+    continued when it shares SAME_RUN; a dead RUNNING one that does not is returned to be
+    closed. A FAILED run is a record of its failure: never continued.
     """
-    runs = [r for r in find_runs(cfg, {"config_hash": config_hash})
-            if "mlflow.parentRunId" not in r.data.tags]
-    if not runs or runs[0].data.tags.get("host") != HOST:
-        return None
-    newest = runs[0]
-    if newest.info.status == "RUNNING" or (
-            newest.info.status == "KILLED" and "interrupted" in newest.data.tags):
-        return newest
-    return None
+    runs = [r for r in find_runs(cfg, {"config_hash": tags["config_hash"]})
+            if "mlflow.parentRunId" not in r.data.tags and "sweep_id" not in r.data.tags]
+    if not runs:
+        return None, None
+    newest, status = runs[0], runs[0].info.status
+    dead = status == "RUNNING" and newest.data.tags.get("host") == HOST and not anyone_running
+    if not dead and not (status == "KILLED" and "interrupted" in newest.data.tags):
+        return None, None
+    if all(newest.data.tags.get(key) == tags.get(key) for key in SAME_RUN):
+        return newest, None
+    return None, newest.info.run_id if dead else None
 
 
 def running_runs(cfg: TrackingConfig, tags: Mapping[str, str]) -> list[mlflow.entities.Run]:

@@ -184,10 +184,12 @@ def fit(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.
     train_data = input_pipeline(x_train, y_train, num_classes, cfg, training=True)
     val_data = input_pipeline(x_val, y_val, num_classes, cfg, training=False) \
         if len(x_val) else None
+    # The checkpoint first: an epoch that others (live MLflow curves) have seen is saved, so a
+    # resume does not train it again.
     extra = [checkpoint] if checkpoint else []
     history = trained.fit(train_data, validation_data=val_data, epochs=epochs,
                           initial_epoch=initial_epoch,
-                          callbacks=[RaiseOnNaN(), *callbacks, *extra], verbose=cfg.verbose)
+                          callbacks=[RaiseOnNaN(), *extra, *callbacks], verbose=cfg.verbose)
     if checkpoint:
         return checkpoint.history
     return {k: [float(v) for v in values] for k, values in history.history.items()}

@@ -81,18 +81,25 @@ def test_the_same_settings_continue_only_their_interrupted_run(make_cfg, capsys)
     from src.locks import file_lock
 
     settings = settings_from(make_cfg())
-    tags = {"config_hash": "c0ffee", "host": tracking.HOST}
+    tags = {"config_hash": "c0ffee", "host": tracking.HOST, "baseline_key": "b",
+            "data_fingerprint": "d", "git_commit": "g"}
+    status = lambda run_id: mlflow.get_run(run_id).info.status  # noqa: E731
 
-    def start(**extra) -> str:
-        with tracked(settings, {**tags, **extra}, "a run", nested=False) as active:
+    def start(**changed) -> str:
+        with tracked(settings, {**tags, **changed}, "a run", nested=False) as active:
             return active.info.run_id
 
-    def interrupt(**extra) -> str:
+    def interrupt(**changed) -> str:
         with pytest.raises(KeyboardInterrupt):
-            with tracked(settings, {**tags, **extra}, "a run", nested=False) as active:
+            with tracked(settings, {**tags, **changed}, "a run", nested=False) as active:
                 ran.append(active.info.run_id)
                 raise KeyboardInterrupt
         return ran[-1]
+
+    def killed(**changed) -> str:
+        run_id = interrupt(**changed)
+        mlflow.MlflowClient().set_terminated(run_id, "RUNNING")  # as a SIGKILL leaves it
+        return run_id
 
     ran: list[str] = []
     first = interrupt()
@@ -109,19 +116,22 @@ def test_the_same_settings_continue_only_their_interrupted_run(make_cfg, capsys)
             raise RuntimeError("the converter crashed")
     assert mlflow.get_run(start()).data.tags.get("resumes") is None
 
-    def killed() -> str:
-        run_id = interrupt()
-        mlflow.MlflowClient().set_terminated(run_id, "RUNNING")  # as a SIGKILL leaves it
-        return run_id
-
     running = killed()
-    lock = Path(settings.paths.cache_dir) / "runs" / "c0ffee.lock"
-    with file_lock(lock):  # its process still runs: a run of its own
-        assert start() != running
+    live = Path(settings.paths.cache_dir) / "runs" / "c0ffee.live"
+    with file_lock(live, shared=True):  # a process with these settings still runs
+        second = start()
+        assert second != running
+        assert start() != second  # nor is the newest run taken for dead while it runs
     left = killed()
-    assert start() == left  # its process is gone
-    other_host = interrupt(host="elsewhere")  # a run elsewhere: its process cannot be checked
-    assert start() != other_host
+    assert start() == left  # nobody runs these settings: its process is gone
+    other_host = killed(host="elsewhere")  # a run elsewhere: its process cannot be checked
+    assert start() != other_host and status(other_host) == "RUNNING"
+    other_commit = killed(git_commit="h")  # another code, data or baseline: a run of its own
+    assert start() != other_commit
+    assert status(other_commit) == "KILLED"  # closed, saying why
+    assert "has the same settings" in mlflow.get_run(other_commit).data.tags["closed_because"]
+    job = interrupt(sweep_id="s1")  # a sweep's job: a new run (and a new sweep)
+    assert start() != job
     off = settings_from(make_cfg("tracking.continue_interrupted=false"))
     kept = interrupt()
     with tracked(off, tags, "a run", nested=False) as active:

@@ -63,8 +63,8 @@ def test_headline_gives_accuracies_sparsity_sizes_in_kb_latency_and_run_id(make_
     metrics.update(sparsity_global=0.0, params=15_040, baseline_params=78_666)
     assert "(dense 85.25%), widths 8-8-16-16-64-48, 15.0k of 78.7k params, .tflite" in \
         report.headline(settings, metrics, widths="8-8-16-16-64-48")
-    metrics["sparsity_global"] = 0.3
-    assert "of 78.7k params, sparsity 30.0%, .tflite" in \
+    metrics.update(sparsity_global=0.3, baseline_params=2_236_682)
+    assert "15.0k of 2.24M params, sparsity 30.0%, .tflite" in \
         report.headline(settings, metrics, widths="8-8-16-16-64-48")
 
 
