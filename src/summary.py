@@ -308,19 +308,21 @@ def run_report(run: Run, out_dir: Path) -> tuple[str, list[Path]]:
 # ------------------------------------------------------------------- finding, attaching
 
 
-def _search(experiment: str, query: str) -> list[Run]:
+def _search(experiment: str, query: str, newest: str = "start_time") -> list[Run]:
     return mlflow.search_runs(experiment_names=[experiment], filter_string=query,
-                              order_by=["attributes.start_time DESC"], output_format="list")
+                              order_by=[f"attributes.{newest} DESC"], output_format="list")
 
 
 def find_run(name: str, experiment: str) -> Run:
-    """Returns the run with this id, or the newest finished experiment run for 'latest'."""
+    """Returns the run with this id, or for 'latest' the experiment run that finished last
+    (a continued run keeps the start time of its first attempt)."""
     if name != "latest":
         try:
             return mlflow.MlflowClient().get_run(name)
         except mlflow.exceptions.MlflowException:
             raise ConfigError(f"run: no run {name!r}") from None
-    runs = _search(experiment, "metrics.tflite_bytes > 0")
+    runs = _search(experiment, "metrics.tflite_bytes > 0 and attributes.status = 'FINISHED'",
+                   newest="end_time")
     if not runs:
         raise ConfigError(f"run: no finished run in experiment {experiment!r}")
     return runs[0]

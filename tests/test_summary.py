@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import mlflow
 import optuna
 import pytest
 
@@ -210,3 +211,17 @@ def test_a_sweep_over_channel_widths_shows_each_jobs_widths_for_its_rate(make_cf
     assert shown == {"0": "w8-8-16", "1": "w4-8-8", "2": "0.50"}  # not the unused rate
     first = next(r for r in runs if r.data.tags["sweep_job"] == "0")
     assert "prune channel w8-8-16, quantization int8" in run_report(first, tmp_path)[0]
+
+
+def test_the_latest_run_is_the_one_that_finished_last(make_cfg):
+    # A continued run keeps the start time of its first attempt: finishing last makes it latest.
+    from src import summary, tracking
+
+    cfg = settings_from(make_cfg()).tracking
+    experiment_id, client = tracking.connect(cfg), mlflow.MlflowClient()
+    continued, other = (client.create_run(experiment_id, start_time=start).info.run_id
+                        for start in (1000, 2000))
+    for run_id, end in ((other, 3000), (continued, 4000)):
+        client.log_metric(run_id, "tflite_bytes", 1000)
+        client.set_terminated(run_id, "FINISHED", end_time=end)
+    assert summary.find_run("latest", cfg.experiment).info.run_id == continued
