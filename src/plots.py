@@ -112,7 +112,9 @@ def accuracy_vs_rate(series: dict[str, list[tuple[float, float, float]]], dense:
                   label=f"{method} (TFLite)")
     if dense is not None and math.isfinite(dense):
         axes.axhline(dense, color="0.3", ls=":", label=f"dense baseline (Keras) {dense:.1%}")
-    axes.set(xlabel="pruning rate (fraction of prunable weights removed)",
+    channels = "channel" in series  # its rate removes channels, not single weights
+    axes.set(xlabel="prune.rate (fraction of prunable weights removed"
+                    + (", of channels for channel)" if channels else ")"),
              ylabel="test accuracy", title=title)
     axes.grid(alpha=0.3)
     _legend(axes)

@@ -264,10 +264,11 @@ def sweep_report(runs: list[Run], out_dir: Path, sweep_id: str = "") -> tuple[st
             points.append(plots.Point(f"#{_job(r)} {shown_rate}", get("tflite_zip_bytes") / KB,
                                       get("tflite_accuracy"), method))
     title = f"sweep {sweep_id}: {model} on {data_name}, {quant}"
-    files = [plots.accuracy_vs_rate(series, dense_accuracy, title,
-                                    out_dir / "accuracy_vs_rate.png"),
-             plots.accuracy_vs_size(points, title + " (jobs by number and rate)",
+    files = [plots.accuracy_vs_size(points, title + " (jobs by number and rate)",
                                     out_dir / "accuracy_vs_size.png")]
+    if series:  # none when every job was given its widths: no rate, no empty chart
+        files.insert(0, plots.accuracy_vs_rate(series, dense_accuracy, title,
+                                               out_dir / "accuracy_vs_rate.png"))
     return "\n".join(lines), files
 
 

@@ -180,6 +180,7 @@ def test_a_multirun_over_widths_lists_runs_one_job_per_list(tmp_path, mlflow_tem
         ("resnet8 channel 2-2-2-2-2-2 int8", "2-2-2-2-2-2"),
         ("resnet8 channel 2-2-4-4-4-4 int8", "2-2-4-4-4-4")]
     assert len({r.data.tags["baseline_key"] for r in jobs}) == 1
-    text, _ = report("sweep", "latest", [f"paths.root={tmp_path}"])
+    text, files = report("sweep", "latest", [f"paths.root={tmp_path}"])
     assert {"w2-2-2-2-2-2", "w2-2-4-4-4-4"} <= {c.strip() for row in text.splitlines()
                                                 for c in row.split("|")}
+    assert [f.name for f in files] == ["accuracy_vs_size.png"]  # no rate: no empty rate chart
