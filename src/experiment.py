@@ -79,6 +79,14 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         params["objective"] = tags["search.objectives"]
     # Always an explicit name: MLflow's random one comes from the RNG the seed just reset.
     name = name_prefix + (settings.tracking.run_name or report.run_name(settings))
+    done = tracking.finished_job(settings.tracking, tags) \
+        if "sweep_id" in tags and settings.tracking.continue_interrupted else None
+    if done:  # a continued sweep's job that finished before the interruption
+        print(f"job {tags.get('sweep_job', '?')}: finished before the sweep was interrupted: "
+              "not run again", flush=True)
+        print("result: " + report.headline(settings, done.data.metrics, done.info.run_id,
+                                           done.data.tags.get("channel_widths")), flush=True)
+        return dict(done.data.metrics)
     with tracked(settings, tags, name, nested) as active:
         tracking.log_params(params)
         if own:
@@ -156,9 +164,10 @@ def tracked(settings: Settings, tags: dict[str, str], name: str,
     Every process with these settings holds a shared lock on <hash>.live while its run is
     active, released only after the run has ended: a RUNNING run is taken for dead only when
     nobody holds it. Choosing and starting are one step at a time (<hash>.lock). A sweep's
-    jobs and a search's trials (nested) always get new runs.
+    job continues only a run of its own sweep (a continued sweep, see
+    sweep_callback.SweepRun); a search's trials always get new runs.
     """
-    if nested or not settings.tracking.continue_interrupted:
+    if (nested and "sweep_id" not in tags) or not settings.tracking.continue_interrupted:
         with tracking.tracked_run(settings.tracking, tags, run_name=name,
                                   nested=nested) as active:
             yield active
@@ -175,7 +184,7 @@ def tracked(settings: Settings, tags: dict[str, str], name: str,
                       + ("interrupted" if left.info.status == "KILLED" else
                          "left RUNNING by a process that is gone"), flush=True)
             active = stack.enter_context(tracking.tracked_run(
-                settings.tracking, tags, run_name=name, continuing=left))
+                settings.tracking, tags, run_name=name, nested=nested, continuing=left))
             if dead:  # e.g. killed under another commit: closed, not continued
                 tracking.close_run(dead, f"its process is gone; run {active.info.run_id} "
                                          "has the same settings (another commit, data or "

@@ -33,7 +33,7 @@ def sweep_tags() -> dict[str, str]:
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return tags
     sweep_dir = Path(hydra_cfg.sweep.dir)
-    return {**tags, "sweep_id": f"{sweep_dir.parent.name}_{sweep_dir.name}",
+    return {**tags, "sweep_id": sweep_callback.sweep_id(sweep_dir),
             "sweep_job": str(hydra_cfg.job.num), **sweep_callback.parent_tag(sweep_dir)}
 
 

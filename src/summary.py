@@ -224,7 +224,7 @@ def _values(runs: Iterable[Run], key: str) -> str:
 
 def sweep_report(runs: list[Run], out_dir: Path, sweep_id: str = "") -> tuple[str, list[Path]]:
     """Returns a sweep's header and table and writes accuracy-vs-rate and -vs-size plots."""
-    jobs = [r for r in runs if not is_sweep_parent(r)]
+    jobs = tracking.latest_attempts([r for r in runs if not is_sweep_parent(r)])
     sweep_id = sweep_id or next((r.data.tags.get("sweep_id", "") for r in jobs), "")
     finished = [r for r in jobs if "tflite_accuracy" in r.data.metrics]
     dense = sorted({r.data.metrics["baseline_test_accuracy"] for r in finished

@@ -10,6 +10,8 @@ any launcher, jobs in this process or in others, on this machine or on a shared 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import hashlib
 import shlex
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import tracking
 from src.config import TrackingConfig
+from src.locks import file_lock
 
 PARENT_FILE = "mlflow_parent_run_id"
+SWEEP_ID_FILE = "sweep_id"  # only in the folder of a sweep that continues an interrupted one
 SKIPPED_IN_NAME = ("paths.", "tracking.", "hydra.")  # where, not what: left out of the name
 
 
 def sweep_id(sweep_dir: Path) -> str:
-    """Returns the sweep's id as its jobs tag it: '<date>_<time>' of its folder."""
-    return f"{sweep_dir.parent.name}_{sweep_dir.name}"
+    """Returns the sweep's id as its jobs tag it: '<date>_<time>' of its folder, or the id of
+    the interrupted sweep it continues (written into the folder at its start)."""
+    try:
+        return (sweep_dir / SWEEP_ID_FILE).read_text().strip()
+    except OSError:
+        return f"{sweep_dir.parent.name}_{sweep_dir.name}"
 
 
 def parent_tag(sweep_dir: Path) -> dict[str, str]:
@@ -41,10 +49,18 @@ def parent_tag(sweep_dir: Path) -> dict[str, str]:
 
 
 class SweepRun(Callback):
-    """Hydra callback: opens the sweep's parent run, and at the end summarises and closes it."""
+    """Hydra callback: opens the sweep's parent run, and at the end summarises and closes it.
+
+    The same --multirun command after an interruption (Ctrl-C, SIGTERM, SIGKILL) continues
+    that sweep (tracking.continue_interrupted): its parent run and id are taken over, so its
+    finished jobs are not run again and its interrupted job goes on in its run
+    (see tracking.interrupted_sweep, tracking.finished_job).
+    """
 
     def __init__(self) -> None:
         self.run_id: str | None = None
+        self.identity = ""
+        self._live = contextlib.ExitStack()  # held while this sweep runs (tracking.HOST)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -52,15 +68,51 @@ class SweepRun(Callback):
         tracking_cfg = TrackingConfig(**OmegaConf.to_container(config.tracking, resolve=True))
         experiment_id = tracking.connect(tracking_cfg)
         overrides = list(config.hydra.overrides.task)
-        shown = [o for o in overrides if not o.lstrip("+~").startswith(SKIPPED_IN_NAME)]
-        run = mlflow.MlflowClient().create_run(
-            experiment_id, run_name=f"sweep {' '.join(shown)}".strip(),
-            tags={**tracking_cfg.tags, "role": "sweep", "sweep_id": sweep_id(sweep_dir),
-                  "command": shlex.join(["python", "-m", "src.run", "--multirun", *overrides]),
-                  "git_commit": tracking.git_commit()})
-        self.run_id = run.info.run_id
+        command = shlex.join(["python", "-m", "src.run", "--multirun", *overrides])
+        commit = tracking.git_commit()
+        key = hashlib.sha256(f"{experiment_id} {command}".encode()).hexdigest()[:16]
+        locks = Path(config.paths.cache_dir) / "runs" / f"sweep-{key}"
+        with file_lock(locks.with_suffix(".lock")):
+            with file_lock(locks.with_suffix(".live"), wait=False) as nobody_running:
+                pass
+            left, dead = tracking.interrupted_sweep(tracking_cfg, command, commit,
+                                                    not nobody_running) \
+                if tracking_cfg.continue_interrupted else (None, None)
+            if left:
+                self._take_over(left, sweep_dir)
+            else:
+                shown = [o for o in overrides if not o.lstrip("+~").startswith(SKIPPED_IN_NAME)]
+                (sweep_dir / SWEEP_ID_FILE).unlink(missing_ok=True)  # a reused folder's
+                self.identity = sweep_id(sweep_dir)
+                self.run_id = mlflow.MlflowClient().create_run(
+                    experiment_id, run_name=f"sweep {' '.join(shown)}".strip(),
+                    tags={**tracking_cfg.tags, "role": "sweep", "sweep_id": self.identity,
+                          "command": command, "git_commit": commit,
+                          "host": tracking.HOST}).info.run_id
+            if dead:  # killed under another commit: closed, not continued
+                tracking.close_run(dead, f"its process is gone; sweep run {self.run_id} has "
+                                         "the same command under another commit")
+            self._live.enter_context(file_lock(locks.with_suffix(".live"), shared=True))
         (sweep_dir / PARENT_FILE).write_text(self.run_id)
         atexit.register(self._close, RunStatus.KILLED)  # Ctrl-C skips on_multirun_end
+
+    def _take_over(self, left: mlflow.entities.Run, sweep_dir: Path) -> None:
+        """Makes this sweep the interrupted one: its parent run, RUNNING again, and its id."""
+        client = mlflow.MlflowClient()
+        self.run_id, self.identity = left.info.run_id, left.data.tags["sweep_id"]
+        (sweep_dir / SWEEP_ID_FILE).write_text(self.identity)
+        client.update_run(self.run_id, RunStatus.to_string(RunStatus.RUNNING))
+        client.set_tag(self.run_id, "resumes", int(left.data.tags.get("resumes", 0)) + 1)
+        if "closed_because" in left.data.tags:
+            client.delete_tag(self.run_id, "closed_because")
+        jobs = [r for r in mlflow.search_runs(
+            [left.info.experiment_id], output_format="list",
+            filter_string=f"tags.sweep_id = '{self.identity}' and attributes.status = 'FINISHED'")
+            if r.info.run_id != self.run_id]
+        how = "interrupted" if left.info.status == "KILLED" else \
+            "left RUNNING by a process that is gone"
+        print(f"sweep {self.identity}: continuing it (MLflow run {self.run_id}), {how}; "
+              f"{len(jobs)} finished job{'s' * (len(jobs) != 1)} not run again", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.run_id is None:
@@ -68,12 +120,13 @@ class SweepRun(Callback):
         from src.summary import sweep_report  # matplotlib only when a sweep ends
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        identity = sweep_id(sweep_dir)
+        identity = self.identity
         client = mlflow.MlflowClient()
         experiment_id = client.get_run(self.run_id).info.experiment_id
-        jobs = [r for r in mlflow.search_runs([experiment_id], output_format="list",
-                                              filter_string=f"tags.sweep_id = '{identity}'")
-                if r.info.run_id != self.run_id]
+        jobs = tracking.latest_attempts(  # a job failed, then run again: its newest run
+            [r for r in mlflow.search_runs([experiment_id], output_format="list",
+                                           filter_string=f"tags.sweep_id = '{identity}'")
+             if r.info.run_id != self.run_id])
         failed = [r for r in jobs if r.info.status != "FINISHED"]
         try:
             text, files = sweep_report(jobs, sweep_dir / "summary", identity)
@@ -97,6 +150,10 @@ class SweepRun(Callback):
         if self.run_id is not None:
             mlflow.MlflowClient().set_terminated(self.run_id, RunStatus.to_string(status))
             self.run_id = None
+            if status == RunStatus.KILLED:
+                print(f"sweep {self.identity} interrupted: the same command continues it, "
+                      "without running its finished jobs again", flush=True)
+        self._live.close()  # only once the parent run has ended
 
 
 def swept_keys(config: DictConfig) -> set[str]:

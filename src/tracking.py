@@ -102,7 +102,8 @@ def tracked_run(cfg: TrackingConfig, tags: Mapping[str, str], run_name: str | No
     a new one, or the run continuing names (see unfinished_run), tagged with its resumes."""
     experiment_id = connect(cfg)
     if continuing:
-        run = mlflow.start_run(run_id=continuing.info.run_id, tags={**cfg.tags, **tags})
+        run = mlflow.start_run(run_id=continuing.info.run_id, nested=nested,
+                               tags={**cfg.tags, **tags})
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run_name,
                                nested=nested, tags={**cfg.tags, **tags})
@@ -142,9 +143,10 @@ def _tag_quietly(key: str, value: str) -> None:
         pass
 
 
-# What a continued run shares with the process that goes on in it, beyond its config_hash:
-# the same machine, dense baseline, data and code.
-SAME_RUN = ("host", "baseline_key", "data_fingerprint", "git_commit")
+# What a finished sweep job shares with the job a continued sweep skips for it, beyond its
+# config_hash: the same dense baseline, data and code; a continued run also the same machine.
+SAME_RESULT = ("baseline_key", "data_fingerprint", "git_commit")
+SAME_RUN = ("host", *SAME_RESULT)
 
 
 def unfinished_run(cfg: TrackingConfig, tags: Mapping[str, str],
@@ -152,14 +154,17 @@ def unfinished_run(cfg: TrackingConfig, tags: Mapping[str, str],
     """Returns (the run to continue, a dead RUNNING run to close instead) for the settings
     in tags (config_hash, SAME_RUN), each or both None.
 
-    The candidate is the newest top-level run of these settings that is not a sweep's job,
+    The candidate is the newest top-level run of these settings (for a sweep's job: the
+    newest of that sweep, see interrupted_sweep; a search's trials are never continued),
     if it was interrupted (KILLED, tag interrupted: Ctrl-C, SIGTERM), or is RUNNING on this
     host while no process with these settings runs there (SIGKILL, a lost session). It is
     continued when it shares SAME_RUN; a dead RUNNING one that does not is returned to be
     closed. A FAILED run is a record of its failure: never continued.
     """
+    sweep = tags.get("sweep_id")  # a sweep's job continues only in that sweep
     runs = [r for r in find_runs(cfg, {"config_hash": tags["config_hash"]})
-            if "mlflow.parentRunId" not in r.data.tags and "sweep_id" not in r.data.tags]
+            if r.data.tags.get("sweep_id") == sweep
+            and (sweep or "mlflow.parentRunId" not in r.data.tags)]
     if not runs:
         return None, None
     newest, status = runs[0], runs[0].info.status
@@ -169,6 +174,47 @@ def unfinished_run(cfg: TrackingConfig, tags: Mapping[str, str],
     if all(newest.data.tags.get(key) == tags.get(key) for key in SAME_RUN):
         return newest, None
     return None, newest.info.run_id if dead else None
+
+
+def finished_job(cfg: TrackingConfig, tags: Mapping[str, str]) -> mlflow.entities.Run | None:
+    """Returns the FINISHED run of a sweep's job with these settings (config_hash,
+    SAME_RESULT) in that sweep, if there is one: a continued sweep does not run it again."""
+    runs = find_runs(cfg, {"sweep_id": tags["sweep_id"], "config_hash": tags["config_hash"]},
+                     status="FINISHED")
+    return next((r for r in runs if all(r.data.tags.get(key) == tags.get(key)
+                                        for key in SAME_RESULT)), None)
+
+
+def interrupted_sweep(cfg: TrackingConfig, command: str, git_commit: str,
+                      anyone_running: bool) -> tuple[mlflow.entities.Run | None, str | None]:
+    """Returns (the sweep parent run to continue, a dead RUNNING one to close instead) for a
+    --multirun command, each or both None.
+
+    Like unfinished_run: the newest sweep of this command, if it was interrupted (KILLED:
+    Ctrl-C, SIGTERM) or is RUNNING on this host while no process runs that command here
+    (SIGKILL, a lost session); continued under the same git commit only. A sweep that ended
+    FINISHED or FAILED is never continued: the same command then starts a new sweep.
+    """
+    parents = find_runs(cfg, {"role": "sweep", "command": command})
+    if not parents:
+        return None, None
+    newest, status = parents[0], parents[0].info.status
+    dead = status == "RUNNING" and newest.data.tags.get("host") == HOST and not anyone_running
+    if not dead and status != "KILLED":
+        return None, None
+    if newest.data.tags.get("git_commit") == git_commit:
+        return newest, None
+    return None, newest.info.run_id if dead else None
+
+
+def latest_attempts(jobs: list[mlflow.entities.Run]) -> list[mlflow.entities.Run]:
+    """Returns each job of a sweep once: of the runs a continued sweep holds for the same
+    settings (a job that failed, then ran again), the newest."""
+    latest: dict[str, mlflow.entities.Run] = {}
+    for run in sorted(jobs, key=lambda r: r.info.start_time or 0):
+        tags = run.data.tags
+        latest[tags.get("config_hash") or f"job {tags.get('sweep_job')}"] = run
+    return list(latest.values())
 
 
 def running_runs(cfg: TrackingConfig, tags: Mapping[str, str]) -> list[mlflow.entities.Run]:

@@ -11,9 +11,15 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from src.config import PROJECT_ROOT
+from src.config import PROJECT_ROOT, settings_from
 from src.summary import report
-from tests.conftest import assert_png, compose_config, runs_of, seed_mlflow_store
+from tests.conftest import (
+    assert_png,
+    compose_config,
+    kill_after_epoch_2_and_rerun,
+    runs_of,
+    seed_mlflow_store,
+)
 
 # The sweep, shrunk: experiment=quick with fewer images and a narrower model.
 SWEEP = ["experiment=quick", "prune=flat,layer", "prune.rate=0.3,0.7", "quant=int8"]
@@ -184,3 +190,66 @@ def test_a_multirun_over_widths_lists_runs_one_job_per_list(tmp_path, mlflow_tem
     assert {"w2-2-2-2-2-2", "w2-2-4-4-4-4"} <= {c.strip() for row in text.splitlines()
                                                 for c in row.split("|")}
     assert [f.name for f in files] == ["accuracy_vs_size.png"]  # no rate: no empty rate chart
+
+
+def test_a_killed_sweep_rerun_skips_its_finished_jobs_and_continues_the_killed_one(
+        tmp_path, mlflow_template):
+    seed_mlflow_store(tmp_path, mlflow_template)
+    # Job 0 does not fine-tune and finishes; job 1 is SIGKILLed after its epoch-2 checkpoint.
+    overrides = ["--multirun", f"paths.root={tmp_path}", "experiment=quick", "prune=flat",
+                 "prune.rate=0.5", "prune.finetune_epochs=0,4", "quant=int8", "train.verbose=2",
+                 *SHRINK]
+    finetune = Path(settings_from(compose_config(overrides[1:3])).paths.cache_dir) / "finetune"
+    output = kill_after_epoch_2_and_rerun(overrides, finetune)
+    assert re.search(r"sweep \S+: continuing it \(MLflow run \w+\), left RUNNING by a process "
+                     r"that is gone; 1 finished job not run again", output), output[-3000:]
+    assert "job 0: finished before the sweep was interrupted: not run again" in output
+    assert "resuming training after epoch 2 of 4" in output
+    assert [line.split()[1] for line in output.splitlines() if line.startswith("Epoch ")] \
+        == ["3/4", "4/4"]  # the baseline and job 0 were not trained again
+    jobs, (parent,) = jobs_and_parent(tmp_path)
+    assert sorted((r.data.tags["sweep_job"], r.info.status, r.data.tags.get("resumes"))
+                  for r in jobs) == [("0", "FINISHED", None), ("1", "FINISHED", "1")]
+    assert parent.info.status == "FINISHED" and parent.data.tags["resumes"] == "1"
+    assert parent.data.tags["jobs_finished"] == "2"
+    assert {r.data.tags["sweep_id"] for r in jobs} == {parent.data.tags["sweep_id"]}
+    curve = mlflow.MlflowClient().get_metric_history(
+        next(r for r in jobs if r.data.tags["sweep_job"] == "1").info.run_id, "finetune_loss")
+    assert sorted(m.step for m in curve) == [0, 1, 2, 3]  # each epoch once
+
+
+def test_only_an_interrupted_sweep_of_the_same_command_is_continued(tmp_path, capsys,
+                                                                   mlflow_template):
+    seed_mlflow_store(tmp_path, mlflow_template)
+    from hydra import compose, initialize_config_dir
+    from mlflow.entities import RunStatus
+
+    from src.sweep_callback import SweepRun, sweep_id
+
+    def start(folder: str, *task: str) -> tuple[SweepRun, Path]:
+        sweep_dir = tmp_path / "multiruns" / "2026-01-01" / folder
+        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=[f"paths.root={tmp_path}",
+                                               f"hydra.sweep.dir={sweep_dir}"],
+                          return_hydra_config=True)
+        cfg.hydra.overrides.task = list(task or ["prune=flat", "prune.rate=0.3,0.6"])
+        callback = SweepRun()
+        callback.on_multirun_start(cfg)
+        return callback, sweep_dir
+
+    first, _ = start("00-00-00")
+    parent = first.run_id
+    first._close(RunStatus.KILLED)  # what Ctrl-C leaves
+    assert "sweep 2026-01-01_00-00-00 interrupted: the same command continues it" \
+        in capsys.readouterr().out
+    again, folder = start("01-00-00")
+    assert (again.run_id, again.identity) == (parent, "2026-01-01_00-00-00")
+    assert sweep_id(folder) == "2026-01-01_00-00-00"  # what its jobs tag themselves with
+    assert mlflow.MlflowClient().get_run(parent).info.status == "RUNNING"
+    other, _ = start("02-00-00", "prune=layer", "prune.rate=0.3,0.6")  # another command
+    assert other.run_id != parent and other.identity == "2026-01-01_02-00-00"
+    again._close(RunStatus.FINISHED)
+    after, _ = start("03-00-00")  # a finished sweep is not continued: a new one
+    assert after.run_id != parent and after.identity == "2026-01-01_03-00-00"
+    for callback in (other, after):
+        callback._close(RunStatus.FINISHED)
