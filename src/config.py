@@ -182,6 +182,8 @@ class DataConfig:
             _check(len(set(self.classes)) == len(self.classes) >= 2, "data.classes",
                    "needs at least 2 distinct class names")
         if self.name == "synthetic":
+            _check(self.path is None, "data.path", "synthetic data reads no file (as "
+                   "experiment=quick sets); add data=cifar10, data=npz or data=image_folder")
             _check(self.num_classes >= 2, "data.num_classes", "must be >= 2")
             _check(self.n_train >= self.num_classes, "data.n_train", "must be >= num_classes")
             _check(self.n_test >= 1, "data.n_test", "must be >= 1")
@@ -214,6 +216,9 @@ class ModelConfig:
                "model.name", f"unknown model {self.name!r}")
         if self.name == "file":
             _check(bool(self.path), "model.path", "model=file needs the path of a model file")
+        else:
+            _check(self.path is None, "model.path", f"model={self.name} builds a new model; "
+                   "add model=file to load this file as the dense baseline")
         _check(self.input_scale in ("raw", "unit", "symmetric"), "model.input_scale",
                f"must be raw (0..255), unit (0..1) or symmetric (-1..1), got {self.input_scale!r}")
         _check(self.name == "file" or self.input_scale == "raw", "model.input_scale",
