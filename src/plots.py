@@ -44,10 +44,12 @@ def plottable(point: Point) -> bool:
 
 
 def accuracy_vs_size(points: Sequence[Point], title: str, path: Path,
-                     size_name: str = "zipped .tflite size", unit: str = "KB") -> Path:
+                     size_name: str = "zipped .tflite size", unit: str = "KB",
+                     best: tuple[str, str] | None = None) -> Path:
     """Writes accuracy against size (KB, log axis), the front connected, points labelled.
 
     Any cost to minimise works as the x axis (latency in ms, MACs in millions): name its unit.
+    best: (a point's label, what it is best at) is starred, e.g. a study's best trial.
     """
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
@@ -66,6 +68,10 @@ def accuracy_vs_size(points: Sequence[Point], title: str, path: Path,
     for point in shown:
         axes.annotate(point.label, (point.size_kb, point.accuracy), xytext=(4, 4),
                       textcoords="offset points", fontsize=8)
+    starred = [p for p in shown if best and p.label == best[0]]
+    if starred:
+        axes.scatter([starred[0].size_kb], [starred[0].accuracy], s=260, marker="*",
+                     color="gold", edgecolors="black", zorder=5, label=f"{best[0]}: {best[1]}")
     axes.set_xscale("log")
     _label_log_axis(axes, [p.size_kb for p in shown])
     axes.set(xlabel=f"{size_name} ({unit}, log scale)", ylabel="TFLite test accuracy",
@@ -122,10 +128,11 @@ def accuracy_vs_rate(series: dict[str, list[tuple[float, float, float]]], dense:
 
 
 def history(series: dict[str, tuple[list[int], list[float], bool]], title: str,
-            path: Path) -> Path:
+            path: Path, stopped: Sequence[int] = ()) -> Path:
     """Writes one panel per objective: each trial's value and the best so far.
 
-    series maps an objective's label to (trial numbers, values, maximize).
+    series maps an objective's label to (trial numbers, values, maximize); stopped numbers
+    the trials stopped early (no final value), marked along the bottom.
     """
     figure = Figure(figsize=(7, 2.2 + 2.3 * len(series)))
     panels = figure.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
@@ -137,6 +144,12 @@ def history(series: dict[str, tuple[list[int], list[float], bool]], title: str,
         axes.scatter(numbers, values, s=25, color="C0", label="trial", zorder=3)
         axes.step(numbers, best, where="post", color="C3",
                   label="best so far (" + ("max" if maximize else "min") + ")")
+        if stopped:  # no value to place: x marks on the axis, at their trial numbers
+            axes.scatter(stopped, [0.03] * len(stopped), marker="x", s=30, color="0.45",
+                         transform=axes.get_xaxis_transform(), clip_on=False,
+                         label="stopped early (no final value)")
+            every = [*numbers, *stopped]
+            axes.set_xlim(min(every) - 0.4, max(every) + 0.4)
         axes.set_ylabel(name)
         axes.grid(alpha=0.3)
         _legend(axes)

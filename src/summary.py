@@ -31,7 +31,7 @@ from src.config import (
     under,
     widths_text,
 )
-from src.search.objectives import OBJECTIVES
+from src.search.objectives import OBJECTIVES, format_value
 from src.search.settings import SearchConfig, search_settings_from
 from src.search.trial import RECORDED
 from src.units import KB
@@ -154,6 +154,10 @@ def study_plots(study: optuna.Study, out_dir: Path, subtitle: str = "") -> list[
     """Writes the accuracy-vs-size front, the history and (with enough trials) importances."""
     head = f"study {study.study_name}" + (f" ({subtitle})" if subtitle else "")
     complete = _complete(study)
+    names = _objective_names(study)
+    winner = best_feasible(study, top=1) if len(study.directions) == 1 else []
+    best = (f"#{winner[0].number}", f"best {names[0]} "
+            f"({format_value(names[0], winner[0].values[0])})") if winner else None
     written = []
     for attr, (scale, unit, what, file_name) in COST_AXES.items():
         if attr != "tflite_zip_bytes" and attr not in _objective_names(study):
@@ -164,23 +168,34 @@ def study_plots(study: optuna.Study, out_dir: Path, subtitle: str = "") -> list[
         if any(plots.plottable(p) for p in points):
             written.append(plots.accuracy_vs_size(
                 points, f"{head}: accuracy vs {what}, trials by number", out_dir / file_name,
-                size_name=what, unit=unit))
+                size_name=what, unit=unit, best=best))
     if complete:
         series = {}
-        for index, (name, direction) in enumerate(zip(_objective_names(study),
-                                                      study.directions)):
+        for index, (name, direction) in enumerate(zip(names, study.directions)):
             in_kb = name in SIZE_OBJECTIVES
-            series[f"{name} (KB)" if in_kb else name] = (
+            series[_axis_label(name, study.user_attrs.get("size", "zipped"))] = (
                 [t.number for t in complete],
                 [t.values[index] / (KB if in_kb else 1) for t in complete],
                 direction == optuna.study.StudyDirection.MAXIMIZE)
+        stopped = [t.number for t in study.get_trials(
+            deepcopy=False, states=[optuna.trial.TrialState.PRUNED])]
         written.append(plots.history(series, f"{head}: optimization history",
-                                     out_dir / "optimization_history.png"))
+                                     out_dir / "optimization_history.png", stopped))
     found = importances(study)
     if not isinstance(found, str) and found:
         written.append(plots.importances(found, f"{head}: parameter importances",
                                          out_dir / "param_importances.png"))
     return written
+
+
+def _axis_label(objective: str, size: str) -> str:
+    """Returns an objective's history axis label with its unit."""
+    if objective == "accuracy_per_mb":
+        return f"accuracy per MB\n(TFLite accuracy / {size} MB)"
+    for attr, (_, unit, what, _) in COST_AXES.items():
+        if attr == objective:
+            return f"{what} ({unit})"
+    return objective.replace("_", " ")
 
 
 def _choices(trial: optuna.trial.FrozenTrial) -> str:

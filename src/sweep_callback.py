@@ -131,8 +131,8 @@ class SweepRun(Callback):
         try:
             text, files = sweep_report(jobs, sweep_dir / "summary", identity)
             (sweep_dir / "summary" / "summary.md").write_text(text + "\n")
-            for path in [*files, sweep_dir / "summary" / "summary.md"]:
-                client.log_artifact(self.run_id, str(path))
+            for path in [*files, sweep_dir / "summary" / "summary.md"]:  # where src.summary
+                client.log_artifact(self.run_id, str(path), artifact_path="summary")  # puts them
             client.set_tag(self.run_id, "mlflow.note.content", text.splitlines()[0])
         except (ValueError, OSError) as error:  # no plot must hide the sweep's outcome
             print(f"sweep {identity}: no summary ({error})")

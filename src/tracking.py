@@ -117,6 +117,8 @@ def tracked_run(cfg: TrackingConfig, tags: Mapping[str, str], run_name: str | No
         status = RunStatus.KILLED
         _tag_quietly("stopped_early" if isinstance(stop, StoppedEarly) else "interrupted",
                      str(stop) or "true")
+        if isinstance(stop, StoppedEarly):  # its description in the MLflow UI
+            _tag_quietly("mlflow.note.content", f"{run.info.run_name}: {stop}")
         raise
     except BaseException as error:
         _tag_quietly("failure_reason", f"{type(error).__name__}: {error}"[:5000])
@@ -346,10 +348,10 @@ class EpochCurves:
         log_history(self.prefix, history, skip=held)
 
 
-def log_artifacts(paths: list[Path]) -> None:
-    """Uploads files to the active run's artifacts."""
+def log_artifacts(paths: list[Path], folder: str | None = None) -> None:
+    """Uploads files to the active run's artifacts (into folder, if given)."""
     for path in paths:
-        mlflow.log_artifact(str(path))
+        mlflow.log_artifact(str(path), artifact_path=folder)
 
 
 def set_tags(tags: Mapping[str, Any]) -> None:

@@ -66,7 +66,10 @@ def test_early_stopping_study_records_trials_and_nested_runs(tmp_path):
         expected = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}[trial.state]
         assert tracked.info.status == expected
         if trial.state == TrialState.PRUNED:
-            assert tracked.data.tags["stopped_early"].startswith("stopped after epoch")
+            reason = tracked.data.tags["stopped_early"]
+            assert reason.startswith("stopped after epoch")
+            assert "against the other trials' median" in reason  # not the final value's scale
+            assert tracked.data.tags["mlflow.note.content"] == f"{tracked.info.run_name}: {reason}"
         else:
             assert trial.value == pytest.approx(tracked.data.metrics["accuracy_per_mb"])
     text, files = report("study", "accuracy_per_mb", [f"paths.root={tmp_path}"])
@@ -108,8 +111,13 @@ def test_pareto_study_and_resume_by_name(tmp_path, capsys):
     assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
     newest = max(parents, key=lambda r: r.info.start_time)
     assert newest.data.metrics["pareto_front_size"] == len(front)
-    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(newest.info.run_id)}
-    assert {"pareto_front.png", "optimization_history.png", "summary.md"} <= artifacts
+    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(newest.info.run_id,
+                                                                       "summary")}
+    assert {"summary/pareto_front.png", "summary/optimization_history.png",
+            "summary/summary.md"} <= artifacts
+    note = newest.data.tags["mlflow.note.content"]  # its description in the MLflow UI
+    assert note.startswith(f"study it's: {len(again.trials)} trials (")
+    assert f"; Pareto front of {len(front)}: #" in note
     by_number = {t.number: t for t in again.trials}
     for tracked in trial_runs(cfg):
         number = tracked.data.tags["trial_number"]
@@ -272,5 +280,6 @@ def test_a_three_objective_study_on_what_the_device_sees(tmp_path):
         assert tracked.info.run_name.startswith(f"device#{tracked.data.tags['trial_number']} ")
     assert {t.user_attrs["run_id"] for t in study.trials} == {r.info.run_id
                                                               for r in trial_runs(cfg)}
-    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
-    assert {"accuracy_vs_raw_size.png", "accuracy_vs_latency.png"} <= artifacts
+    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(parent.info.run_id,
+                                                                       "summary")}
+    assert {"summary/accuracy_vs_raw_size.png", "summary/accuracy_vs_latency.png"} <= artifacts

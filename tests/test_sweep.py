@@ -78,9 +78,10 @@ def test_jobs_are_named_and_nested_under_one_sweep_run_with_its_plots(sweep_root
     assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent.info.run_id}
     assert parent.data.tags["jobs_finished"] == "4" and parent.data.tags["jobs_failed"] == "0"
     client = mlflow.MlflowClient()
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"accuracy_vs_rate.png", "accuracy_vs_size.png", "summary.md"} <= artifacts
-    plot = Path(client.download_artifacts(parent.info.run_id, "accuracy_vs_size.png",
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert {"summary/accuracy_vs_rate.png", "summary/accuracy_vs_size.png",
+            "summary/summary.md"} <= artifacts
+    plot = Path(client.download_artifacts(parent.info.run_id, "summary/accuracy_vs_size.png",
                                           str(sweep_root)))
     assert_png(plot)
     for job in jobs:  # each run's description is its headline

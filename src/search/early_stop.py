@@ -7,6 +7,7 @@ Used where the trial's training runs: in the worker, or in the trial's own proce
 
 from __future__ import annotations
 
+import numpy as np
 import optuna
 from omegaconf import DictConfig
 
@@ -52,5 +53,16 @@ class ReportEpochs(keras.callbacks.Callback):
                                self.bytes_per_weight, self.final_sparsity, self.size)
         self.trial.report(value, step=epoch + 1)
         if self.trial.should_prune():
-            raise tracking.StoppedEarly(f"stopped after epoch {epoch + 1}: val_accuracy "
-                                        f"{accuracy:.4f}, estimated {self.objective} {value:.4g}")
+            raise tracking.StoppedEarly(
+                f"stopped after epoch {epoch + 1}: val_accuracy {accuracy:.4f}, "
+                f"{self.objective} estimate {value:.4g} against the other trials' median "
+                f"{self._median(epoch + 1):.4g} (estimated from weight counts: not on the "
+                "scale of final values)")
+
+    def _median(self, step: int) -> float:
+        """Returns the median estimate of the study's other trials at a step (nan if none)."""
+        others = [t.intermediate_values[step] for t in self.trial.study.get_trials(
+            deepcopy=False, states=[optuna.trial.TrialState.COMPLETE,
+                                    optuna.trial.TrialState.PRUNED])
+            if step in t.intermediate_values and t.number != self.trial.number]
+        return float(np.median(others)) if others else float("nan")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from src.units import MB
+from src.units import MB, kb
 
 if TYPE_CHECKING:  # no TensorFlow import just to read the table (config checks, summaries)
     from src.keras_env import keras
@@ -122,3 +122,9 @@ def final_sparsity_of(method: str, final_sparsity: float, structured_2_4: bool) 
         return None
     return 0.5 if structured_2_4 else final_sparsity
 
+
+def format_value(objective: str, value: float) -> str:
+    """Returns an objective's value for people: sizes in KB, fractions to 4 places."""
+    if OBJECTIVES[objective].unit == "bytes":
+        return kb(value)
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.4g}"

@@ -14,8 +14,8 @@ import optuna
 from omegaconf import DictConfig
 
 from src import tracking, units
-from src.config import ConfigError, TrackingConfig, settings_from
-from src.search.objectives import OBJECTIVES
+from src.config import ConfigError, Settings, TrackingConfig, settings_from
+from src.search.objectives import format_value
 from src.search.orphans import close_orphan_runs, fail_dead_trials, retry_trial
 from src.search.settings import (
     SearchConfig,
@@ -102,7 +102,7 @@ def run_search(cfg: DictConfig, compose: Composer, replay: Sequence[str] = ()) -
             raise SearchAborted(cap.tripped)
         default_storage = f"sqlite:///{base.paths.mlruns_dir}/optuna.db"
         print(closing_block(study, search, replay, default_storage), flush=True)
-        log_study(study, search)
+        log_study(study, search, base)
     return study
 
 
@@ -138,13 +138,6 @@ def trial_line(trial: optuna.trial.FrozenTrial, search: SearchConfig, count: int
     line = " ".join(parts) + "  " + " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
     reason = trial.user_attrs.get("failure_reason") or trial.user_attrs.get("early_stop_reason")
     return f"{line}  ({reason})" if reason and trial.state != TrialState.COMPLETE else line
-
-
-def format_value(objective: str, value: float) -> str:
-    """Returns an objective's value for people: sizes in KB, fractions to 4 places."""
-    if OBJECTIVES[objective].unit == "bytes":
-        return units.kb(value)
-    return f"{value:.4f}" if abs(value) < 10 else f"{value:.4g}"
 
 
 def _short(value: object) -> str:
@@ -183,10 +176,11 @@ def closing_block(study: optuna.Study, search: SearchConfig, replay: Sequence[st
     return "\n".join([title, *rows, f"summary: {shlex.join(arguments)}"])
 
 
-def log_study(study: optuna.Study, search: SearchConfig) -> None:
-    """Puts the study's best values (or front size), its summary table and plots on the
-    active (worker's parent) run, so the MLflow UI shows the study there."""
-    from src.summary import study_report  # matplotlib only when a study ends
+def log_study(study: optuna.Study, search: SearchConfig, settings: Settings) -> None:
+    """Puts the study's best values (or front size), a one-line description, its summary
+    table and plots (under summary/, where `src.summary study` puts them too) on the active
+    (worker's parent) run, so the MLflow UI shows the study there."""
+    from src.summary import study_report, study_subtitle  # matplotlib only when a study ends
 
     chosen = chosen_trials(study)
     counts = {state: 0 for state in ("COMPLETE", "PRUNED", "FAIL")}
@@ -200,7 +194,31 @@ def log_study(study: optuna.Study, search: SearchConfig) -> None:
         tracking.set_tags({"best_trial": chosen[0].number,
                            "best_run_id": chosen[0].user_attrs.get("run_id", "")})
     tracking.log_metrics(metrics)
+    tracking.set_tags({"mlflow.note.content": study_headline(study, search, chosen, counts)})
     with tempfile.TemporaryDirectory(prefix="study-") as tmp:
-        text, plots = study_report(study, Path(tmp))
+        text, plots = study_report(study, Path(tmp), study_subtitle(settings, search))
         (Path(tmp) / "summary.md").write_text(text + "\n")
-        tracking.log_artifacts([*plots, Path(tmp) / "summary.md"])
+        tracking.log_artifacts([*plots, Path(tmp) / "summary.md"], folder="summary")
+
+
+def study_headline(study: optuna.Study, search: SearchConfig,
+                   chosen: list[optuna.trial.FrozenTrial], counts: dict[str, int]) -> str:
+    """Returns the worker run's description: the trials and the best one (or the front)."""
+    line = (f"study {study.study_name}: {sum(counts.values())} trials ({counts['COMPLETE']} "
+            f"complete, {counts['PRUNED']} stopped early, {counts['FAIL']} failed)")
+
+    def shown(trial: optuna.trial.FrozenTrial) -> str:
+        attrs = trial.user_attrs
+        return (f"#{trial.number} {attrs.get('tflite_accuracy', float('nan')):.2%} at "
+                f"{units.kb(attrs.get('tflite_zip_bytes', float('nan')))} zipped")
+
+    if not chosen:
+        return line + "; no complete trial meets the constraints"
+    if len(search.objectives) > 1:
+        ends = f"{shown(chosen[0])} to {shown(chosen[-1])}" if len(chosen) > 1 \
+            else shown(chosen[0])
+        return line + f"; Pareto front of {len(chosen)}: {ends}"
+    best = chosen[0]
+    return (line + f"; best {shown(best)}: {search.objectives[0]} "
+            f"{format_value(search.objectives[0], best.values[0])}, run "
+            f"{best.user_attrs.get('run_id', '?')}")
