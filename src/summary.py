@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable
@@ -219,8 +220,16 @@ def _rate(params: dict[str, str]) -> float:
     if method == "tfmot":
         if params.get("prune.structured_2_4") == "True":  # 2:4 is half, whatever the schedule
             return 0.5
-        return float(params.get("prune.final_sparsity") or 0.0)
-    return float(params.get("prune.rate") or 0.0) if method != "none" else 0.0
+        return _number(params.get("prune.final_sparsity") or 0.0)
+    return _number(params.get("prune.rate") or 0.0) if method != "none" else 0.0
+
+
+def _number(value: str | float) -> float:
+    """Returns a param as a float; nan for a value a failed job was refused for ('abc')."""
+    try:
+        return float(value)
+    except ValueError:
+        return math.nan
 
 
 def _widths(params: dict[str, str]) -> str:
@@ -234,7 +243,22 @@ def _rate_or_widths(params: dict[str, str]) -> str:
 
 
 def _values(runs: Iterable[Run], key: str) -> str:
-    return "/".join(sorted({r.data.params.get(key, "?") for r in runs}))
+    return "/".join(sorted({r.data.params[key] for r in runs if key in r.data.params})) or "?"
+
+
+def _job_params(run: Run) -> dict[str, str]:
+    """Returns a job's params; for a job that failed before its run started (no params),
+    those its command line sets (prune=flat as prune.method=flat)."""
+    if run.data.params:
+        return run.data.params
+    try:
+        words = shlex.split(run.data.tags.get("command", ""))
+    except ValueError:
+        words = run.data.tags.get("command", "").split()
+    given = dict(w.lstrip("+~").split("=", 1) for w in words if "=" in w)
+    groups = {"prune": "prune.method", "quant": "quant.mode", "model": "model.name",
+              "data": "data.name"}
+    return {groups.get(key, key): value for key, value in given.items()}
 
 
 def sweep_report(runs: list[Run], out_dir: Path, sweep_id: str = "") -> tuple[str, list[Path]]:
@@ -250,11 +274,11 @@ def sweep_report(runs: list[Run], out_dir: Path, sweep_id: str = "") -> tuple[st
     # A sweep over quantization modes or models gets one series per combination, not one
     # line zig-zagging through them.
     varying = [key for key in ("model.name", "quant.mode")
-               if len({r.data.params.get(key) for r in jobs}) > 1]
+               if len({r.data.params[key] for r in jobs if key in r.data.params}) > 1]
 
     def label(r: Run) -> str:
-        return " ".join([r.data.params.get("prune.method", "?"), *(
-            r.data.params.get(key, "?").replace("none", "float32") for key in varying)])
+        return " ".join([_job_params(r).get("prune.method", "?"), *(
+            _job_params(r).get(key, "?").replace("none", "float32") for key in varying)])
 
     shown = "/".join(f"{a:.2%}" for a in dense) or "n/a"
     lines = [f"sweep {sweep_id}: {len(jobs)} jobs ({len(finished)} finished), model {model}, "
@@ -264,13 +288,13 @@ def sweep_report(runs: list[Run], out_dir: Path, sweep_id: str = "") -> tuple[st
              "|---|---|---|---|---|---|---|---|---|---|"]
     series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     points = []
-    order = sorted(jobs, key=lambda r: (label(r), _rate_or_widths(r.data.params), _job(r)))
+    order = sorted(jobs, key=lambda r: (label(r), _rate_or_widths(_job_params(r)), _job(r)))
     for r in order:
-        m, method, rate = r.data.metrics, label(r), _rate(r.data.params)
-        shown_rate = _rate_or_widths(r.data.params)
+        m, method, rate = r.data.metrics, label(r), _rate(_job_params(r))
+        shown_rate = _rate_or_widths(_job_params(r))
         get = lambda key, m=m: m.get(key, math.nan)  # noqa: E731
-        lines.append(f"| {_job(r)} | {method} | {shown_rate} | {get('test_accuracy'):.4f} | "
-                     f"{get('tflite_accuracy'):.4f} | {get('sparsity_global'):.3f} | "
+        lines.append(f"| {_job(r)} | {method} | {shown_rate} | {get('test_accuracy'):.2%} | "
+                     f"{get('tflite_accuracy'):.2%} | {get('sparsity_global'):.3f} | "
                      f"{get('tflite_bytes') / KB:.1f} | {get('tflite_zip_bytes') / KB:.1f} | "
                      f"{get('accuracy_per_mb'):.2f} | {r.info.status} |")
         if r in finished:

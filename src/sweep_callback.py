@@ -131,6 +131,7 @@ class SweepRun(Callback):
         try:
             text, files = sweep_report(jobs, sweep_dir / "summary", identity)
             (sweep_dir / "summary" / "summary.md").write_text(text + "\n")
+            print(text, flush=True)
             for path in [*files, sweep_dir / "summary" / "summary.md"]:  # where src.summary
                 client.log_artifact(self.run_id, str(path), artifact_path="summary")  # puts them
             client.set_tag(self.run_id, "mlflow.note.content", text.splitlines()[0])

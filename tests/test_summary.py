@@ -185,6 +185,34 @@ def test_a_sweep_over_quantization_modes_gets_a_series_per_mode(make_cfg, tmp_pa
     assert labels == ["flat float32", "flat float32", "flat int8", "flat int8"]
 
 
+def test_a_job_refused_before_its_run_is_tabled_by_its_command(make_cfg, tmp_path):
+    import mlflow
+
+    from src import tracking
+    from src.summary import sweep_report
+
+    settings = settings_from(make_cfg())
+    experiment_id = tracking.connect(settings.tracking)
+    client = mlflow.MlflowClient()
+    good = client.create_run(experiment_id, tags={"sweep_id": "s", "sweep_job": "1"})
+    for key, value in {"prune.method": "flat", "prune.rate": 0.5, "quant.mode": "none",
+                       "model.name": "resnet8", "data.name": "synthetic"}.items():
+        client.log_param(good.info.run_id, key, value)
+    for key, value in {"tflite_accuracy": 0.7, "test_accuracy": 0.71,
+                       "baseline_test_accuracy": 0.8, "tflite_zip_bytes": 9e4}.items():
+        client.log_metric(good.info.run_id, key, value)
+    client.set_terminated(good.info.run_id)
+    tracking.record_failure(settings.tracking, {  # as src.run records it: tags, no params
+        "sweep_id": "s", "sweep_job": "0",
+        "command": "python -m src.run experiment=quick prune=flat prune.rate=1.5"},
+        "ConfigError: prune.rate: must be in [0, 1), got 1.5")
+    text, _ = sweep_report(client.search_runs([experiment_id]), tmp_path)
+    header, _, _, finished, failed = text.splitlines()  # by method, then rate
+    assert "model resnet8, data synthetic, quantization float32, dense accuracy 80.00%" in header
+    assert failed.startswith("| 0 | flat | 1.50 | nan% | nan% |") and "FAILED" in failed
+    assert finished.startswith("| 1 | flat | 0.50 | 71.00% | 70.00% |")
+
+
 def test_a_sweep_over_channel_widths_shows_each_jobs_widths_for_its_rate(make_cfg, tmp_path):
     import mlflow
 

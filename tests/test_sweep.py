@@ -99,9 +99,12 @@ def test_each_job_prints_what_it_does_and_ends_with_its_result_line(sweep):
     assert [chunks[i] for i in range(0, len(chunks), 2)] == ["0", "1", "2", "3"]
     for number, chunk in zip(chunks[0::2], chunks[1::2]):
         lines = [line for line in chunk.splitlines()[1:] if line.strip()]
-        if number == "3":
+        if number == "3":  # then the sweep's table, and its closing line
             assert lines[-1].startswith("sweep ") and "4 jobs finished" in lines[-1]
-            lines = lines[:-1]
+            table = next(i for i, line in enumerate(lines) if line.startswith("sweep "))
+            assert "4 jobs (4 finished)" in lines[table]
+            assert len([line for line in lines[table:] if "| FINISHED |" in line]) == 4
+            lines = lines[:table]
         assert lines[0].startswith("dense baseline: ")
         assert ("not cached, training resnet8" in lines[0]) == (number == "0")
         assert lines[-1].startswith("result: resnet8 ")
