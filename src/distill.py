@@ -147,3 +147,13 @@ class Distiller(keras.Model):
         self.optimizer.minimize(loss, self.student.trainable_variables, tape=tape)
         self.soft_loss_tracker.update_state(soft)
         return self.compute_metrics(x, y, student_outputs, None)
+
+    def test_step(self, data):
+        """Evaluates the student, val_soft_loss included (Keras' own step would report the
+        soft-loss tracker it never updates: 0)."""
+        x, y = data
+        student_outputs = self.student(x, training=False)
+        self.compiled_loss(y, student_outputs, regularization_losses=self.student.losses)
+        self.soft_loss_tracker.update_state(soft_loss(self.teacher(x, training=False),
+                                                      student_outputs, self.temperature))
+        return self.compute_metrics(x, y, student_outputs, None)

@@ -47,7 +47,8 @@ def short_model_name(name: str, path: str | None = None, alpha: float = 1.0) -> 
 
 def method_label(settings: Settings) -> str:
     """Returns the pruning method and its rate, e.g. 'flat 0.70', 'tfmot 0.90', 'dense', or
-    the channel widths kept ('channel 8-8-16-16-64-48')."""
+    the channel widths kept ('channel 8-8-16-16-64-48'), then the fine-tuning epochs and
+    whether they distilled ('ft20 kd')."""
     prune = settings.prune
     if prune.method == "none":
         return "dense"
@@ -58,7 +59,10 @@ def method_label(settings: Settings) -> str:
         label = f"{prune.method} {widths_text(prune.widths)}"
     if getattr(prune, "rates_from", None):  # per-layer rates from a sensitivity run
         label += " sensitivity"
-    return f"{label} ft{prune.finetune_epochs}" if prune.finetune_epochs else label
+    if not prune.finetune_epochs:
+        return label
+    distilled = getattr(settings, "distill", None) and settings.distill.alpha > 0
+    return f"{label} ft{prune.finetune_epochs}" + (" kd" if distilled else "")
 
 
 def quant_label(settings: Settings) -> str:

@@ -47,6 +47,8 @@ def test_distillation_from_the_runs_own_baseline(make_cfg):
     assert logged.data.params["distill.teacher"] == "None"
     assert logged.data.metrics["teacher_test_accuracy"] == metrics["teacher_test_accuracy"]
     assert _finetune_history(logged.info.run_id) == {"loss": 1, "soft_loss": 1, "accuracy": 1}
+    # measured on the validation split too, not Keras' never-updated tracker (0.0)
+    assert logged.data.metrics["finetune_val_soft_loss"] > 0
 
 
 def test_distillation_from_another_cached_baseline_with_tfmot(make_cfg):
