@@ -45,6 +45,7 @@ def main(cfg: DictConfig) -> float:
     sweep_job, failure_reason), so the sweep goes on; the sweep callback reports it at the end.
     """
     interrupt.raise_on_sigterm()
+    refuse_schema_choice()
     tags = sweep_tags()
     caution = onednn.warning(cfg.prune.method, cfg.prune.finetune_epochs)
     if caution:
@@ -68,6 +69,17 @@ def main(cfg: DictConfig) -> float:
         print(f"error: job {tags['sweep_job']}: {message}", file=sys.stderr, flush=True)
         record_failed_job(cfg, tags, f"{type(error).__name__}: {error}")
         return math.nan
+
+
+def refuse_schema_choice() -> None:
+    """Refuses `quant=schema` and the like: Hydra lists each group's typed schema among its
+    options, and choosing it would run silently on the schema's defaults."""
+    if not HydraConfig.initialized():
+        return
+    for group, choice in HydraConfig.get().runtime.choices.items():
+        if choice == "schema" and not group.startswith("hydra"):
+            raise SystemExit(f"error: {group}=schema: the schema behind the {group} options, "
+                             f"not one of them (see conf/{group}/)")
 
 
 def record_failed_job(cfg: DictConfig, tags: dict[str, str], reason: str) -> None:

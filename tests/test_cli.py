@@ -96,6 +96,7 @@ NO_SERVER = f"http://127.0.0.1:{closed_port()}"
 BAD_INPUT = {
     "rate-type": (["prune=flat", "prune.rate=abc"], "full_key: prune.rate"),
     "unknown-option": (["prune=magic"], "Could not find 'prune/magic'"),
+    "schema-option": (["quant=schema"], "error: quant=schema: the schema behind the quant"),
     "path-traversal": (["data.path={tmp}/escape.tar"], "has an unsafe member refused"),
     "rate-range": (["prune=flat", "prune.rate=1.5"], "prune.rate: must be in [0, 1)"),
     "zero-epochs": (["train.epochs=0"], "train.epochs: must be >= 1"),
@@ -115,7 +116,7 @@ BAD_INPUT = {
                            f"tracking.uri: cannot open {NO_SERVER} (Connection refused)"),
 }
 # Through the real command: Hydra's own errors, and one of ours (each process costs seconds).
-ON_THE_COMMAND_LINE = ["rate-type", "unknown-option", "path-traversal"]
+ON_THE_COMMAND_LINE = ["rate-type", "unknown-option", "schema-option", "path-traversal"]
 
 
 @pytest.mark.parametrize("case", ON_THE_COMMAND_LINE)
