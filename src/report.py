@@ -84,8 +84,8 @@ def headline(settings: Settings, metrics: Mapping[str, float], run_id: str = "",
     get = lambda key: metrics.get(key, math.nan)  # noqa: E731
     removed = f"sparsity {get('sparsity_global'):.1%}"
     if widths:  # sparsity only when magnitude pruning followed the cut
-        removed = (f"widths {widths}, {_count(get('params'))} of "
-                   f"{_count(get('baseline_params'))} params"
+        removed = (f"widths {widths}, {count(get('params'))} of "
+                   f"{count(get('baseline_params'))} params"
                    + (f", {removed}" if get("sparsity_global") >= 0.0005 else ""))
     line = (f"{run_name(settings)}: TFLite accuracy {get('tflite_accuracy'):.2%} "
             f"(dense {get('baseline_test_accuracy'):.2%}), {removed}, "
@@ -99,8 +99,10 @@ def headline(settings: Settings, metrics: Mapping[str, float], run_id: str = "",
     return f"{line}, run {run_id}" if run_id else line
 
 
-def _count(n: float) -> str:
-    """Returns a parameter count as 15.0k or 2.24M."""
+def count(n: float) -> str:
+    """Returns a parameter count as 15.0k or 2.24M ('-' when unknown: nan)."""
+    if not math.isfinite(n):
+        return "-"
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 

@@ -32,6 +32,7 @@ from src.config import (
     under,
     widths_text,
 )
+from src.report import count
 from src.search.objectives import OBJECTIVES, format_value
 from src.search.settings import SearchConfig, search_settings_from
 from src.search.trial import RECORDED
@@ -100,15 +101,15 @@ def trial_table(trials: list[optuna.trial.FrozenTrial], size: str = "zipped") ->
     if not trials:
         return ["(no complete trial meets the constraints yet)"]
     rows = [f"| trial | tflite acc | keras acc | tflite KB | tflite zip KB | acc/MB ({size}) | "
-            "sparsity | params |",
-            "|---|---|---|---|---|---|---|---|"]
+            "weights | sparsity | params |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for t in trials:
         a = {key: math.nan for key in RECORDED} | t.user_attrs
         params = ", ".join(f"{k}={_short(v)}" for k, v in t.params.items())
         rows.append(f"| {t.number} | {a['tflite_accuracy']:.4f} | {a['test_accuracy']:.4f} | "
                     f"{a['tflite_bytes'] / KB:.1f} | {a['tflite_zip_bytes'] / KB:.1f} | "
                     f"{OBJECTIVES['accuracy_per_mb'].value(a, size):.2f} | "
-                    f"{a['sparsity_global']:.3f} | {params} |")
+                    f"{count(a['params'])} | {a['sparsity_global']:.3f} | {params} |")
     return rows
 
 

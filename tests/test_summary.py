@@ -142,13 +142,14 @@ def test_the_trial_table_divides_by_the_size_the_study_ranks_by(tmp_path):
     from tests.test_search import search_cfg
 
     attrs = {"tflite_accuracy": 0.8, "test_accuracy": 0.81, "tflite_bytes": 100_000,
-             "tflite_zip_bytes": 50_000, "accuracy_per_mb": 16.0, "sparsity_global": 0.5}
+             "tflite_zip_bytes": 50_000, "accuracy_per_mb": 16.0, "sparsity_global": 0.5,
+             "params": 6_200}
     rate = {"rate": optuna.distributions.FloatDistribution(0, 1)}
     trial = optuna.trial.create_trial(value=8.0, params={"rate": 0.5}, distributions=rate,
                                       user_attrs=attrs)
     header, _, row = trial_table([trial], "raw")
     assert "| tflite KB | tflite zip KB | acc/MB (raw) |" in header
-    assert "| 100.0 | 50.0 | 8.00 | 0.500 | rate=0.5 |" in row  # 0.8 / 0.1 MB, not the zip's 16
+    assert "| 100.0 | 50.0 | 8.00 | 6.2k | 0.500 | rate=0.5 |" in row  # 0.8 / 0.1 MB, not 16
     assert "| 16.00 |" in trial_table([trial])[2]
     cfg, _ = search_cfg(tmp_path, "search=accuracy_per_mb", "search.size=raw")
     make_study(search_settings_from(cfg))

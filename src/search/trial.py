@@ -20,7 +20,7 @@ from src.search.settings import SearchConfig
 Composer = Callable[[list[str]], DictConfig]
 # Kept on each trial so summaries and trial lines need not open MLflow.
 RECORDED = ("tflite_accuracy", "test_accuracy", "tflite_bytes", "tflite_zip_bytes",
-            "accuracy_per_mb", "sparsity_global", "tflite_latency_ms", "macs")
+            "accuracy_per_mb", "sparsity_global", "tflite_latency_ms", "macs", "params")
 
 
 def run_trial(trial: optuna.Trial, search: SearchConfig, compose: Composer,
