@@ -45,14 +45,14 @@ def main(cfg: DictConfig) -> float:
     sweep_job, failure_reason), so the sweep goes on; the sweep callback reports it at the end.
     """
     interrupt.raise_on_sigterm()
-    refuse_schema_choice()
     tags = sweep_tags()
     caution = onednn.warning(cfg.prune.method, cfg.prune.finetune_epochs)
     if caution:
         print(caution, file=sys.stderr, flush=True)
-    from src.experiment import run  # TensorFlow: only once Hydra has accepted the overrides
-
     try:
+        refuse_schema_choice()  # a sweep's job: recorded FAILED like any refused setting
+        from src.experiment import run  # TensorFlow: only once the overrides are accepted
+
         # Nested: a sweep parent run, when the sweep callback keeps one active, holds the jobs.
         return run(cfg, extra_tags=tags, nested="sweep_id" in tags)[cfg.objective]
     except KeyboardInterrupt as stop:
@@ -78,8 +78,8 @@ def refuse_schema_choice() -> None:
         return
     for group, choice in HydraConfig.get().runtime.choices.items():
         if choice == "schema" and not group.startswith("hydra"):
-            raise SystemExit(f"error: {group}=schema: the schema behind the {group} options, "
-                             f"not one of them (see conf/{group}/)")
+            raise ConfigError(f"{group}=schema: the schema behind the {group} options, "
+                              f"not one of them (see conf/{group}/)")
 
 
 def record_failed_job(cfg: DictConfig, tags: dict[str, str], reason: str) -> None:

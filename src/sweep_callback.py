@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 
-from src import tracking
+from src import interrupt, tracking
 from src.config import TrackingConfig
 from src.locks import file_lock
 
@@ -60,9 +60,11 @@ class SweepRun(Callback):
     def __init__(self) -> None:
         self.run_id: str | None = None
         self.identity = ""
+        self.continuable = True  # tracking.continue_interrupted
         self._live = contextlib.ExitStack()  # held while this sweep runs (tracking.HOST)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        interrupt.raise_on_sigterm()  # SIGTERM ends the parent run KILLED, as Ctrl-C does
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         tracking_cfg = TrackingConfig(**OmegaConf.to_container(config.tracking, resolve=True))
@@ -70,8 +72,10 @@ class SweepRun(Callback):
         overrides = list(config.hydra.overrides.task)
         command = shlex.join(["python", "-m", "src.run", "--multirun", *overrides])
         commit = tracking.git_commit()
+        self.continuable = tracking_cfg.continue_interrupted
         key = hashlib.sha256(f"{experiment_id} {command}".encode()).hexdigest()[:16]
-        locks = Path(config.paths.cache_dir) / "runs" / f"sweep-{key}"
+        runs_dir = Path(config.paths.cache_dir) / "runs"
+        locks = runs_dir / f"sweep-{key}"
         with file_lock(locks.with_suffix(".lock")):
             with file_lock(locks.with_suffix(".live"), wait=False) as nobody_running:
                 pass
@@ -79,7 +83,8 @@ class SweepRun(Callback):
                                                     not nobody_running) \
                 if tracking_cfg.continue_interrupted else (None, None)
             if left:
-                self._take_over(left, sweep_dir)
+                refuse_while_jobs_run(tracking_cfg, left, runs_dir)
+                self._take_over(left, sweep_dir, commit)
             else:
                 shown = [o for o in overrides if not o.lstrip("+~").startswith(SKIPPED_IN_NAME)]
                 (sweep_dir / SWEEP_ID_FILE).unlink(missing_ok=True)  # a reused folder's
@@ -87,8 +92,8 @@ class SweepRun(Callback):
                 self.run_id = mlflow.MlflowClient().create_run(
                     experiment_id, run_name=f"sweep {' '.join(shown)}".strip(),
                     tags={**tracking_cfg.tags, "role": "sweep", "sweep_id": self.identity,
-                          "command": command, "git_commit": commit,
-                          "host": tracking.HOST}).info.run_id
+                          "command": command, "git_commit": commit, "host": tracking.HOST,
+                          "user": tracking.USER}).info.run_id
             if dead:  # killed under another commit: closed, not continued
                 tracking.close_run(dead, f"its process is gone; sweep run {self.run_id} has "
                                          "the same command under another commit")
@@ -96,23 +101,25 @@ class SweepRun(Callback):
         (sweep_dir / PARENT_FILE).write_text(self.run_id)
         atexit.register(self._close, RunStatus.KILLED)  # Ctrl-C skips on_multirun_end
 
-    def _take_over(self, left: mlflow.entities.Run, sweep_dir: Path) -> None:
-        """Makes this sweep the interrupted one: its parent run, RUNNING again, and its id."""
+    def _take_over(self, left: mlflow.entities.Run, sweep_dir: Path, commit: str) -> None:
+        """Makes this sweep the interrupted one: its parent run, RUNNING again on this host,
+        and its id."""
         client = mlflow.MlflowClient()
         self.run_id, self.identity = left.info.run_id, left.data.tags["sweep_id"]
         (sweep_dir / SWEEP_ID_FILE).write_text(self.identity)
         client.update_run(self.run_id, RunStatus.to_string(RunStatus.RUNNING))
-        client.set_tag(self.run_id, "resumes", int(left.data.tags.get("resumes", 0)) + 1)
+        for key, value in {"resumes": int(left.data.tags.get("resumes", 0)) + 1,
+                           "host": tracking.HOST, "git_commit": commit}.items():
+            client.set_tag(self.run_id, key, str(value))  # where it lives now
         if "closed_because" in left.data.tags:
             client.delete_tag(self.run_id, "closed_because")
-        jobs = [r for r in mlflow.search_runs(
-            [left.info.experiment_id], output_format="list",
-            filter_string=f"tags.sweep_id = '{self.identity}' and attributes.status = 'FINISHED'")
-            if r.info.run_id != self.run_id]
+        finished = [r for r in tracking.latest_attempts(jobs_of(left)) if
+                    r.info.status == "FINISHED"]
         how = "interrupted" if left.info.status == "KILLED" else \
             "left RUNNING by a process that is gone"
         print(f"sweep {self.identity}: continuing it (MLflow run {self.run_id}), {how}; "
-              f"{len(jobs)} finished job{'s' * (len(jobs) != 1)} not run again", flush=True)
+              f"{len(finished)} finished job{'s' * (len(finished) != 1)} not run again",
+              flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.run_id is None:
@@ -122,11 +129,8 @@ class SweepRun(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         identity = self.identity
         client = mlflow.MlflowClient()
-        experiment_id = client.get_run(self.run_id).info.experiment_id
-        jobs = tracking.latest_attempts(  # a job failed, then run again: its newest run
-            [r for r in mlflow.search_runs([experiment_id], output_format="list",
-                                           filter_string=f"tags.sweep_id = '{identity}'")
-             if r.info.run_id != self.run_id])
+        # a job failed, then run again: its newest run
+        jobs = tracking.latest_attempts(jobs_of(client.get_run(self.run_id)))
         failed = [r for r in jobs if r.info.status != "FINISHED"]
         try:
             text, files = sweep_report(jobs, sweep_dir / "summary", identity)
@@ -151,10 +155,41 @@ class SweepRun(Callback):
         if self.run_id is not None:
             mlflow.MlflowClient().set_terminated(self.run_id, RunStatus.to_string(status))
             self.run_id = None
-            if status == RunStatus.KILLED:
+            if status == RunStatus.KILLED and self.continuable:
                 print(f"sweep {self.identity} interrupted: the same command continues it, "
                       "without running its finished jobs again", flush=True)
         self._live.close()  # only once the parent run has ended
+
+
+def jobs_of(parent: mlflow.entities.Run) -> list[mlflow.entities.Run]:
+    """Returns the job runs nested under a sweep's parent run (its id may be another's too:
+    a sweep folder given twice)."""
+    identity = parent.data.tags["sweep_id"]
+    return [r for r in mlflow.search_runs(
+        [parent.info.experiment_id], output_format="list",
+        filter_string=f"tags.sweep_id = '{identity}'")
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+def refuse_while_jobs_run(tracking_cfg: TrackingConfig, parent: mlflow.entities.Run,
+                          runs_dir: Path) -> None:
+    """Refuses to continue a sweep with a job still running: on another host (a Slurm job
+    outliving its launcher) or on this one (its <config_hash>.live held, see
+    experiment.tracked): it would run a second time beside itself."""
+    for job in jobs_of(parent):
+        if job.info.status != "RUNNING":
+            continue
+        tags = job.data.tags
+        elsewhere = tags.get("host") != tracking.HOST
+        if not elsewhere:
+            with file_lock(runs_dir / f"{tags.get('config_hash')}.live", wait=False) as free:
+                if free:
+                    continue
+        where = f"on {tags.get('host')}" if elsewhere else "here"
+        raise SystemExit(
+            f"error: sweep {parent.data.tags['sweep_id']}: job {tags.get('sweep_job', '?')} "
+            f"(run {job.info.run_id}) is still running {where}; let it end or stop it, or "
+            "start a new sweep with tracking.continue_interrupted=false")
 
 
 def swept_keys(config: DictConfig) -> set[str]:

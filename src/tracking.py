@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import re
 import socket
@@ -94,6 +95,16 @@ HOST = socket.gethostname()  # tags every run: whether a RUNNING run's process i
 # known only on its own host
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a uid with no name (some containers)
+        return str(os.getuid())
+
+
+USER = _user()  # tags a sweep: only its own user's command continues it
+
+
 @contextlib.contextmanager
 def tracked_run(cfg: TrackingConfig, tags: Mapping[str, str], run_name: str | None = None,
                 nested: bool = False, continuing: mlflow.entities.Run | None = None,
@@ -146,8 +157,9 @@ def _tag_quietly(key: str, value: str) -> None:
 
 
 # What a finished sweep job shares with the job a continued sweep skips for it, beyond its
-# config_hash: the same dense baseline, data and code; a continued run also the same machine.
-SAME_RESULT = ("baseline_key", "data_fingerprint", "git_commit")
+# config_hash: the same dense baseline, data, code and kind of CPU (its latency); a continued
+# run also the same machine.
+SAME_RESULT = ("baseline_key", "data_fingerprint", "git_commit", "processor")
 SAME_RUN = ("host", *SAME_RESULT)
 
 
@@ -163,10 +175,11 @@ def unfinished_run(cfg: TrackingConfig, tags: Mapping[str, str],
     continued when it shares SAME_RUN; a dead RUNNING one that does not is returned to be
     closed. A FAILED run is a record of its failure: never continued.
     """
-    sweep = tags.get("sweep_id")  # a sweep's job continues only in that sweep
+    sweep = tags.get("sweep_id")  # a sweep's job continues only in that sweep (its parent)
     runs = [r for r in find_runs(cfg, {"config_hash": tags["config_hash"]})
             if r.data.tags.get("sweep_id") == sweep
-            and (sweep or "mlflow.parentRunId" not in r.data.tags)]
+            and r.data.tags.get("mlflow.parentRunId") == (
+                tags.get("mlflow.parentRunId") if sweep else None)]
     if not runs:
         return None, None
     newest, status = runs[0], runs[0].info.status
@@ -180,8 +193,12 @@ def unfinished_run(cfg: TrackingConfig, tags: Mapping[str, str],
 
 def finished_job(cfg: TrackingConfig, tags: Mapping[str, str]) -> mlflow.entities.Run | None:
     """Returns the FINISHED run of a sweep's job with these settings (config_hash,
-    SAME_RESULT) in that sweep, if there is one: a continued sweep does not run it again."""
-    runs = find_runs(cfg, {"sweep_id": tags["sweep_id"], "config_hash": tags["config_hash"]},
+    SAME_RESULT) under this sweep's parent run, if there is one: a continued sweep (which
+    took that parent over) does not run it again; a new sweep has no such run."""
+    if "mlflow.parentRunId" not in tags:  # a job of a sweep with no parent run: none
+        return None
+    runs = find_runs(cfg, {"sweep_id": tags["sweep_id"], "config_hash": tags["config_hash"],
+                           "mlflow.parentRunId": tags["mlflow.parentRunId"]},
                      status="FINISHED")
     return next((r for r in runs if all(r.data.tags.get(key) == tags.get(key)
                                         for key in SAME_RESULT)), None)
@@ -192,12 +209,13 @@ def interrupted_sweep(cfg: TrackingConfig, command: str, git_commit: str,
     """Returns (the sweep parent run to continue, a dead RUNNING one to close instead) for a
     --multirun command, each or both None.
 
-    Like unfinished_run: the newest sweep of this command, if it was interrupted (KILLED:
+    Like unfinished_run: the newest sweep of this command by this user, if it was
+    interrupted (KILLED:
     Ctrl-C, SIGTERM) or is RUNNING on this host while no process runs that command here
     (SIGKILL, a lost session); continued under the same git commit only. A sweep that ended
     FINISHED or FAILED is never continued: the same command then starts a new sweep.
     """
-    parents = find_runs(cfg, {"role": "sweep", "command": command})
+    parents = find_runs(cfg, {"role": "sweep", "command": command, "user": USER})
     if not parents:
         return None, None
     newest, status = parents[0], parents[0].info.status
@@ -210,12 +228,12 @@ def interrupted_sweep(cfg: TrackingConfig, command: str, git_commit: str,
 
 
 def latest_attempts(jobs: list[mlflow.entities.Run]) -> list[mlflow.entities.Run]:
-    """Returns each job of a sweep once: of the runs a continued sweep holds for the same
-    settings (a job that failed, then ran again), the newest."""
+    """Returns each job of a sweep once: of the runs a continued sweep holds for one job
+    number (the same command numbers its jobs the same way; a job that failed, then ran
+    again), the newest."""
     latest: dict[str, mlflow.entities.Run] = {}
     for run in sorted(jobs, key=lambda r: r.info.start_time or 0):
-        tags = run.data.tags
-        latest[tags.get("config_hash") or f"job {tags.get('sweep_job')}"] = run
+        latest[run.data.tags.get("sweep_job", run.info.run_id)] = run
     return list(latest.values())
 
 

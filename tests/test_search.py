@@ -68,7 +68,7 @@ def test_early_stopping_study_records_trials_and_nested_runs(tmp_path):
         if trial.state == TrialState.PRUNED:
             reason = tracked.data.tags["stopped_early"]
             assert reason.startswith("stopped after epoch")
-            assert "against the other trials' median" in reason  # not the final value's scale
+            assert "against the completed trials' median" in reason  # not the final value's scale
             assert tracked.data.tags["mlflow.note.content"] == f"{tracked.info.run_name}: {reason}"
         else:
             assert trial.value == pytest.approx(tracked.data.metrics["accuracy_per_mb"])

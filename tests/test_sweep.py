@@ -115,8 +115,10 @@ def test_each_job_prints_what_it_does_and_ends_with_its_result_line(sweep):
 def test_sweep_callback_names_the_failed_jobs_and_fails_the_sweep(tmp_path, make_cfg):
     from hydra import compose, initialize_config_dir
 
+    from src.config import register_resolvers
     from src.sweep_callback import SweepRun
 
+    register_resolvers()  # the groups' schemas, as the command line registers them
     sweep_dir = tmp_path / "multiruns" / "2026-01-01" / "00-00-00"
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.root={tmp_path}",
@@ -130,7 +132,7 @@ def test_sweep_callback_names_the_failed_jobs_and_fails_the_sweep(tmp_path, make
     experiment_id = client.get_run(parent).info.experiment_id
     for job, status in (("0", "FINISHED"), ("1", "FAILED")):
         run = client.create_run(experiment_id, run_name=f"job {job}", tags={
-            "sweep_id": "2026-01-01_00-00-00", "sweep_job": job,
+            "sweep_id": "2026-01-01_00-00-00", "sweep_job": job, "mlflow.parentRunId": parent,
             "command": f"python -m src.run prune=flat prune.rate=0.5 "
                        f"prune.min_density={'0.6' if job == '0' else '0.0'}",
             **({"failure_reason": "ConfigError: prune.min_density: too high"}
@@ -228,7 +230,12 @@ def test_only_an_interrupted_sweep_of_the_same_command_is_continued(tmp_path, ca
     from hydra import compose, initialize_config_dir
     from mlflow.entities import RunStatus
 
+    from src import tracking
+    from src.config import register_resolvers
+    from src.locks import file_lock
     from src.sweep_callback import SweepRun, sweep_id
+
+    register_resolvers()  # the groups' schemas, as the command line registers them
 
     def start(folder: str, *task: str) -> tuple[SweepRun, Path]:
         sweep_dir = tmp_path / "multiruns" / "2026-01-01" / folder
@@ -243,13 +250,30 @@ def test_only_an_interrupted_sweep_of_the_same_command_is_continued(tmp_path, ca
 
     first, _ = start("00-00-00")
     parent = first.run_id
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent).info.experiment_id
+    job_tags = {"sweep_id": "2026-01-01_00-00-00", "sweep_job": "1", "config_hash": "h1",
+                "mlflow.parentRunId": parent, "host": tracking.HOST}
+    job = client.create_run(experiment_id, tags=job_tags).info.run_id  # left RUNNING
     first._close(RunStatus.KILLED)  # what Ctrl-C leaves
     assert "sweep 2026-01-01_00-00-00 interrupted: the same command continues it" \
         in capsys.readouterr().out
-    again, folder = start("01-00-00")
+    cache = Path(settings_from(compose_config([f"paths.root={tmp_path}"])).paths.cache_dir)
+    with file_lock(cache / "runs" / "h1.live", shared=True):  # its process still runs here
+        with pytest.raises(SystemExit, match=r"^error: sweep 2026-01-01_00-00-00: job 1 "
+                                             rf"\(run {job}\) is still running here; "):
+            start("01-00-00")
+    again, folder = start("01-00-00")  # its process gone: the job will be continued
     assert (again.run_id, again.identity) == (parent, "2026-01-01_00-00-00")
     assert sweep_id(folder) == "2026-01-01_00-00-00"  # what its jobs tag themselves with
-    assert mlflow.MlflowClient().get_run(parent).info.status == "RUNNING"
+    assert client.get_run(parent).info.status == "RUNNING"
+    client.set_terminated(job)  # finished: skipped by this sweep only, not by a new one
+    done = {**job_tags, **{key: "x" for key in tracking.SAME_RESULT}}
+    for key, value in done.items():
+        client.set_tag(job, key, value)
+    tracking_cfg = settings_from(compose_config([f"paths.root={tmp_path}"])).tracking
+    assert tracking.finished_job(tracking_cfg, done).info.run_id == job
+    assert tracking.finished_job(tracking_cfg, {**done, "mlflow.parentRunId": "other"}) is None
     other, _ = start("02-00-00", "prune=layer", "prune.rate=0.3,0.6")  # another command
     assert other.run_id != parent and other.identity == "2026-01-01_02-00-00"
     again._close(RunStatus.FINISHED)

@@ -55,14 +55,14 @@ class ReportEpochs(keras.callbacks.Callback):
         if self.trial.should_prune():
             raise tracking.StoppedEarly(
                 f"stopped after epoch {epoch + 1}: val_accuracy {accuracy:.4f}, "
-                f"{self.objective} estimate {value:.4g} against the other trials' median "
-                f"{self._median(epoch + 1):.4g} (estimated from weight counts: not on the "
-                "scale of final values)")
+                f"{self.objective} estimate {value:.4g} against the completed trials' median "
+                f"{self._median(epoch + 1):.4g} at that epoch (estimated from weight counts: "
+                "not on the scale of final values)")
 
     def _median(self, step: int) -> float:
-        """Returns the median estimate of the study's other trials at a step (nan if none)."""
+        """Returns the completed trials' median estimate at a step (nan if none), what
+        Optuna's median and percentile rules compare with."""
         others = [t.intermediate_values[step] for t in self.trial.study.get_trials(
-            deepcopy=False, states=[optuna.trial.TrialState.COMPLETE,
-                                    optuna.trial.TrialState.PRUNED])
-            if step in t.intermediate_values and t.number != self.trial.number]
+            deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
+            if step in t.intermediate_values]
         return float(np.median(others)) if others else float("nan")
