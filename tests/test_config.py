@@ -68,7 +68,7 @@ def test_defaults_point_into_project_mlruns(make_cfg, tmp_path):
 def test_quick_experiment_is_a_diff_of_the_defaults(make_cfg):
     settings = settings_from(make_cfg("experiment=quick", tiny=False))
     assert settings.data.name == "synthetic" and settings.model.name == "resnet8"
-    assert settings.train.epochs == 3
+    assert settings.train.epochs == 8
 
 
 @pytest.mark.parametrize(
