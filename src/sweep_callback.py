@@ -63,6 +63,15 @@ class SweepRun(Callback):
         self.continuable = True  # tracking.continue_interrupted
         self._live = contextlib.ExitStack()  # held while this sweep runs (tracking.HOST)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its lock (the submitit launcher ships the callbacks to each job,
+        where only the sweep's own process holds the lock)."""
+        return {**self.__dict__, "_live": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._live = contextlib.ExitStack()
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         interrupt.raise_on_sigterm()  # SIGTERM ends the parent run KILLED, as Ctrl-C does
         sweep_dir = Path(config.hydra.sweep.dir)

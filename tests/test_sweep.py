@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -264,6 +265,7 @@ def test_only_an_interrupted_sweep_of_the_same_command_is_continued(tmp_path, ca
                                              rf"\(run {job}\) is still running here; "):
             start("01-00-00")
     again, folder = start("01-00-00")  # its process gone: the job will be continued
+    assert pickle.loads(pickle.dumps(again)).run_id == parent  # submitit ships callbacks
     assert (again.run_id, again.identity) == (parent, "2026-01-01_00-00-00")
     assert sweep_id(folder) == "2026-01-01_00-00-00"  # what its jobs tag themselves with
     assert client.get_run(parent).info.status == "RUNNING"
