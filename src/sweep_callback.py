@@ -92,7 +92,7 @@ class SweepRun(Callback):
                                                     not nobody_running) \
                 if tracking_cfg.continue_interrupted else (None, None)
             if left:
-                refuse_while_jobs_run(tracking_cfg, left, runs_dir)
+                refuse_while_jobs_run(left, runs_dir)
                 self._take_over(left, sweep_dir, commit)
             else:
                 shown = [o for o in overrides if not o.lstrip("+~").startswith(SKIPPED_IN_NAME)]
@@ -180,8 +180,7 @@ def jobs_of(parent: mlflow.entities.Run) -> list[mlflow.entities.Run]:
         if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 
 
-def refuse_while_jobs_run(tracking_cfg: TrackingConfig, parent: mlflow.entities.Run,
-                          runs_dir: Path) -> None:
+def refuse_while_jobs_run(parent: mlflow.entities.Run, runs_dir: Path) -> None:
     """Refuses to continue a sweep with a job still running: on another host (a Slurm job
     outliving its launcher) or on this one (its <config_hash>.live held, see
     experiment.tracked): it would run a second time beside itself."""
