@@ -162,7 +162,7 @@ def study_plots(study: optuna.Study, out_dir: Path, subtitle: str = "") -> list[
             f"({format_value(names[0], winner[0].values[0])})") if winner else None
     written = []
     for attr, (scale, unit, what, file_name) in COST_AXES.items():
-        if attr != "tflite_zip_bytes" and attr not in _objective_names(study):
+        if attr != "tflite_zip_bytes" and attr not in names:
             continue  # the zipped size always; raw size, latency, MACs when they are objectives
         points = [plots.Point(f"#{t.number}", t.user_attrs.get(attr, math.nan) / scale,
                               t.user_attrs.get("tflite_accuracy", math.nan), _choices(t))
@@ -194,9 +194,9 @@ def _axis_label(objective: str, size: str) -> str:
     """Returns an objective's history axis label with its unit."""
     if objective == "accuracy_per_mb":
         return f"accuracy per MB\n(TFLite accuracy / {size} MB)"
-    for attr, (_, unit, what, _) in COST_AXES.items():
-        if attr == objective:
-            return f"{what} ({unit})"
+    if objective in COST_AXES:
+        _, unit, what, _ = COST_AXES[objective]
+        return f"{what} ({unit})"
     return objective.replace("_", " ")
 
 
@@ -277,9 +277,11 @@ def sweep_report(runs: list[Run], out_dir: Path, sweep_id: str = "") -> tuple[st
     varying = [key for key in ("model.name", "quant.mode")
                if len({r.data.params[key] for r in jobs if key in r.data.params}) > 1]
 
+    given = {r.info.run_id: _job_params(r) for r in jobs}
+
     def label(r: Run) -> str:
-        return " ".join([_job_params(r).get("prune.method", "?"), *(
-            _job_params(r).get(key, "?").replace("none", "float32") for key in varying)])
+        return " ".join([given[r.info.run_id].get("prune.method", "?"), *(
+            given[r.info.run_id].get(key, "?").replace("none", "float32") for key in varying)])
 
     shown = "/".join(f"{a:.2%}" for a in dense) or "n/a"
     lines = [f"sweep {sweep_id}: {len(jobs)} jobs ({len(finished)} finished), model {model}, "
@@ -289,10 +291,11 @@ def sweep_report(runs: list[Run], out_dir: Path, sweep_id: str = "") -> tuple[st
              "|---|---|---|---|---|---|---|---|---|---|"]
     series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     points = []
-    order = sorted(jobs, key=lambda r: (label(r), _rate_or_widths(_job_params(r)), _job(r)))
+    order = sorted(jobs, key=lambda r: (label(r), _rate_or_widths(given[r.info.run_id]),
+                                        _job(r)))
     for r in order:
-        m, method, rate = r.data.metrics, label(r), _rate(_job_params(r))
-        shown_rate = _rate_or_widths(_job_params(r))
+        m, method, rate = r.data.metrics, label(r), _rate(given[r.info.run_id])
+        shown_rate = _rate_or_widths(given[r.info.run_id])
         get = lambda key, m=m: m.get(key, math.nan)  # noqa: E731
         lines.append(f"| {_job(r)} | {method} | {shown_rate} | {get('test_accuracy'):.2%} | "
                      f"{get('tflite_accuracy'):.2%} | {get('sparsity_global'):.3f} | "

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -180,13 +180,23 @@ def unfinished_run(cfg: TrackingConfig, tags: Mapping[str, str],
             if r.data.tags.get("sweep_id") == sweep
             and r.data.tags.get("mlflow.parentRunId") == (
                 tags.get("mlflow.parentRunId") if sweep else None)]
+    return _left_unfinished(runs, {key: tags.get(key) for key in SAME_RUN}, anyone_running,
+                            interrupted=lambda run: "interrupted" in run.data.tags)
+
+
+def _left_unfinished(runs: list[mlflow.entities.Run], same: Mapping[str, str | None],
+                     anyone_running: bool, interrupted: Callable[[mlflow.entities.Run], bool],
+                     ) -> tuple[mlflow.entities.Run | None, str | None]:
+    """Returns (the newest of runs to continue, or the id of a dead RUNNING one to close):
+    continued if it was interrupted (KILLED and interrupted(run)) or is RUNNING on this host
+    with nobody running it, and its tags hold same; closed if dead and they do not."""
     if not runs:
         return None, None
     newest, status = runs[0], runs[0].info.status
     dead = status == "RUNNING" and newest.data.tags.get("host") == HOST and not anyone_running
-    if not dead and not (status == "KILLED" and "interrupted" in newest.data.tags):
+    if not dead and not (status == "KILLED" and interrupted(newest)):
         return None, None
-    if all(newest.data.tags.get(key) == tags.get(key) for key in SAME_RUN):
+    if all(newest.data.tags.get(key) == value for key, value in same.items()):
         return newest, None
     return None, newest.info.run_id if dead else None
 
@@ -210,21 +220,14 @@ def interrupted_sweep(cfg: TrackingConfig, command: str, git_commit: str,
     --multirun command, each or both None.
 
     Like unfinished_run: the newest sweep of this command by this user, if it was
-    interrupted (KILLED:
-    Ctrl-C, SIGTERM) or is RUNNING on this host while no process runs that command here
-    (SIGKILL, a lost session); continued under the same git commit only. A sweep that ended
-    FINISHED or FAILED is never continued: the same command then starts a new sweep.
+    interrupted (KILLED: Ctrl-C, SIGTERM) or is RUNNING on this host while no process runs
+    that command here (SIGKILL, a lost session); continued under the same git commit only.
+    A sweep that ended FINISHED or FAILED is never continued: the same command then starts a
+    new sweep.
     """
     parents = find_runs(cfg, {"role": "sweep", "command": command, "user": USER})
-    if not parents:
-        return None, None
-    newest, status = parents[0], parents[0].info.status
-    dead = status == "RUNNING" and newest.data.tags.get("host") == HOST and not anyone_running
-    if not dead and status != "KILLED":
-        return None, None
-    if newest.data.tags.get("git_commit") == git_commit:
-        return newest, None
-    return None, newest.info.run_id if dead else None
+    return _left_unfinished(parents, {"git_commit": git_commit}, anyone_running,
+                            interrupted=lambda _: True)  # KILLED: by its atexit close
 
 
 def latest_attempts(jobs: list[mlflow.entities.Run]) -> list[mlflow.entities.Run]:
