@@ -240,8 +240,8 @@ def committed_sources(config: dict, results: Path) -> list[Path]:
     (model=file) and its distillation teacher, named by path or by its cached baseline key."""
     models = (results / "models").resolve()
     paths = [Path(config["model"]["path"])] if config["model"]["name"] == "file" else []
-    teacher = (config.get("distill") or {}).get("teacher")
-    if teacher:
+    teachers = (config.get("distill") or {}).get("teacher") or []
+    for teacher in [teachers] if isinstance(teachers, str) else teachers:
         paths.append(Path(teacher))
         paths += [f for f in models.glob("*.h5")
                   if (stored := STORED_BASELINE.fullmatch(f.stem)) and stored["key"] == teacher]

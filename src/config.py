@@ -428,10 +428,17 @@ class DistillConfig:
 
     alpha: float = 0.0
     temperature: float = 4.0
-    teacher: str | None = None  # null: the run's own dense baseline; else a cache key or file
+    # null: the run's own dense baseline; else a cache key or model file, or a list of them
+    # (an ensemble: their geometric mean teaches)
+    teacher: Any = None
 
     def __post_init__(self) -> None:
         _check_fraction(self.alpha, "distill.alpha")
+        names = [self.teacher] if isinstance(self.teacher, str) else self.teacher
+        _check(self.teacher is None or (isinstance(names, list) and names and
+                                        all(isinstance(n, str) and n for n in names)),
+               "distill.teacher", f"must be a cache key or model file, or a non-empty list of "
+               f"them, got {self.teacher!r}")
         _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
 
 

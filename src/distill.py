@@ -3,7 +3,8 @@
 The loss is ``(1 - alpha) * CE(labels, student) + alpha * T^2 * KL(teacher_T || student_T)``
 where ``_T`` is the softmax at temperature T (Hinton et al. 2015; T^2 keeps the soft
 gradients' scale independent of T).  The teacher runs on the very batch the student sees,
-augmentation included, inside the training step.
+augmentation included, inside the training step.  Several teachers teach as one: the
+softmax of their mean log-probabilities (their normalised geometric mean).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def teacher_for(cfg: DistillConfig, dense: keras.Model, dense_accuracy: float,
                 cache_dir: str | Path, x_test: np.ndarray, y_test: np.ndarray,
                 trust_code: bool = False, custom_objects: str | None = None,
                 ) -> Distillation | None:
-    """Returns the configured teacher (a copy of dense by default), or None when alpha is 0.
+    """Returns the configured teacher (a copy of dense by default, an Ensemble for several),
+    or None when alpha is 0.
 
     A teacher file passes model.path's safety checks, with the run's model.trust_code and
     model.custom_objects. Call it before pruning: dense is pruned in place afterwards.
@@ -44,9 +46,12 @@ def teacher_for(cfg: DistillConfig, dense: keras.Model, dense_accuracy: float,
         teacher.set_weights(dense.get_weights())
         accuracy, source = dense_accuracy, "baseline"
     else:
-        teacher = _load_teacher(cfg.teacher, cache_dir, trust_code, custom_objects)
-        source = cfg.teacher
-        _check_fits(teacher, dense)
+        members = [_load_teacher(spec, cache_dir, trust_code, custom_objects)
+                   for spec in teacher_names(cfg)]
+        for member in members:
+            _check_fits(member, dense)
+        teacher = members[0] if len(members) == 1 else Ensemble(members)
+        source = " + ".join(teacher_names(cfg))
         from src.train import evaluate  # train imports this module for the Distiller
 
         accuracy = evaluate(teacher, x_test, y_test)
@@ -56,12 +61,33 @@ def teacher_for(cfg: DistillConfig, dense: keras.Model, dense_accuracy: float,
 
 def check_teacher(cfg: DistillConfig, cache_dir: str | Path) -> None:
     """Raises ConfigError when distill.teacher names no model file and no cached baseline."""
-    if cfg.alpha == 0 or cfg.teacher is None:
+    if cfg.alpha == 0:
         return
-    cached = Path(cache_dir) / "baselines" / cfg.teacher / "meta.json"
-    if not Path(cfg.teacher).expanduser().is_file() and not cached.is_file():
-        raise ConfigError(f"distill.teacher: {cfg.teacher!r} is neither a model file nor a "
-                          f"cached baseline key under {Path(cache_dir) / 'baselines'}")
+    for spec in teacher_names(cfg):
+        cached = Path(cache_dir) / "baselines" / spec / "meta.json"
+        if not Path(spec).expanduser().is_file() and not cached.is_file():
+            raise ConfigError(f"distill.teacher: {spec!r} is neither a model file nor a "
+                              f"cached baseline key under {Path(cache_dir) / 'baselines'}")
+
+
+def teacher_names(cfg: DistillConfig) -> list[str]:
+    """Returns the teachers distill.teacher names (one or a list), [] for the run's baseline."""
+    if cfg.teacher is None:
+        return []
+    return [cfg.teacher] if isinstance(cfg.teacher, str) else list(cfg.teacher)
+
+
+class Ensemble(keras.Model):
+    """Several classifiers as one: the softmax of their mean log-probabilities."""
+
+    def __init__(self, members: list[keras.Model]):
+        super().__init__(name="ensemble")
+        self.members = members
+
+    def call(self, inputs, training=None):
+        log_probs = [tf.nn.log_softmax(log_softmax_input(member(inputs, training=training)))
+                     for member in self.members]
+        return tf.nn.softmax(tf.add_n(log_probs) / len(log_probs))
 
 
 def _load_teacher(spec: str, cache_dir: str | Path, trust_code: bool,
