@@ -8,7 +8,7 @@ import pytest
 from src import baseline, train
 from src.config import ConfigError, DistillConfig, settings_from
 from src.data import load
-from src.distill import log_softmax_input, soft_loss, teacher_for
+from src.distill import Ensemble, log_softmax_input, soft_loss, teacher_for
 from src.experiment import run
 from src.keras_env import keras, tf
 from tests.conftest import runs_of
@@ -90,3 +90,43 @@ def test_teacher_from_a_model_file_is_frozen_and_evaluated(tmp_path):
 def test_unknown_teacher_is_refused_naming_the_key(make_cfg):
     with pytest.raises(ConfigError, match="distill.teacher: 'nope'"):
         run(make_cfg("prune=flat", "prune.rate=0.5", *FINETUNE, "distill.teacher=nope"))
+
+
+def test_several_teachers_teach_as_their_geometric_mean(tmp_path):
+    members = [_flat_model(4), _flat_model(4)]
+    for number, member in enumerate(members):
+        member.save(tmp_path / f"teacher{number}.h5")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, (16, 32, 32, 3)).astype(np.uint8)  # dim: no saturated softmax
+    y = rng.integers(0, 4, 16)
+    files = [str(tmp_path / "teacher0.h5"), str(tmp_path / "teacher1.h5")]
+    found = teacher_for(DistillConfig(alpha=0.5, teacher=files), _flat_model(4), 0.0, tmp_path,
+                        x, y)
+    assert isinstance(found.teacher, Ensemble) and found.source == " + ".join(files)
+    assert not found.teacher.trainable_weights
+    images = tf.cast(x, tf.float32)
+    mean_log = sum(np.log(member(images).numpy()) for member in members) / 2
+    expected = tf.nn.softmax(mean_log).numpy()
+    np.testing.assert_allclose(found.teacher(images), expected, rtol=1e-4, atol=1e-6)
+    # in a compiled training step the soft loss reads the ensemble's logits, not log(p)
+    student = _flat_model(4)
+    compiled = tf.function(lambda images: soft_loss(found.teacher(images), student(images), 4.0))
+    assert float(compiled(images)) == pytest.approx(
+        float(soft_loss(tf.constant(expected), student(images), 4.0)), rel=1e-4)
+    assert found.test_accuracy == pytest.approx(np.mean(expected.argmax(1) == y))
+    with pytest.raises(ConfigError, match="distill.teacher: .* gives 3 classes"):
+        _flat_model(3).save(tmp_path / "three.h5")
+        teacher_for(DistillConfig(alpha=0.5, teacher=[files[0], str(tmp_path / "three.h5")]),
+                    _flat_model(4), 0.0, tmp_path, x, y)
+
+
+def test_a_teacher_list_is_checked_member_by_member(make_cfg, tmp_path):
+    _flat_model(4).save(tmp_path / "teacher.h5")
+    settings = settings_from(make_cfg(*FINETUNE, f"distill.teacher=[{tmp_path}/teacher.h5,x]"))
+    assert settings.distill.teacher == [f"{tmp_path}/teacher.h5", "x"]
+    with pytest.raises(ConfigError, match="distill.teacher: 'x' is neither"):
+        run(make_cfg("prune=flat", "prune.rate=0.5", *FINETUNE,
+                     f"distill.teacher=[{tmp_path}/teacher.h5,x]"))
+    for wrong in ("[]", "[1,2]"):
+        with pytest.raises(ConfigError, match="distill.teacher: must be a cache key or model"):
+            settings_from(make_cfg(*FINETUNE, f"distill.teacher={wrong}"))
