@@ -10,12 +10,13 @@ model is trained.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PRUNABLE_TYPES = ("Conv2D", "DepthwiseConv2D", "Dense")
@@ -510,11 +511,40 @@ def _typed(cfg: Any, schema: type, key: str) -> Any:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         return OmegaConf.to_object(merged)
+    except (ConfigKeyError, ConfigAttributeError) as error:  # a key the schema lacks
+        raise ConfigError(unknown_setting(f"{key}.{error.full_key}", schema)) from None
     except OmegaConfBaseException as error:
         full_key = getattr(error, "full_key", None) or ""
         detail = str(error).splitlines()[0]
         raise ConfigError(f"{key}.{full_key}: {detail}" if full_key else f"{key}: {detail}") \
             from None
+
+
+def unknown_setting(full_key: str, schema: type | None, known: list[str] | None = None) -> str:
+    """Returns why full_key ('prune.rat') is refused: no such setting, with the closest of
+    the settings beside it: known, else its schema's fields (a dataclass), else at the top
+    level TOP_LEVEL."""
+    parent, _, name = full_key.rpartition(".")
+    if known is None:
+        known = [f.name for f in fields(schema)] if schema is not None and is_dataclass(schema) \
+            else [] if parent else list(TOP_LEVEL)
+    close = get_close_matches(name, known, n=1)
+    if close:
+        return f"{full_key}: no such setting (did you mean {parent + '.' if parent else ''}" \
+               f"{close[0]}?)"
+    return f"{full_key}: no such setting; {parent or 'the config'} has {', '.join(known)}" \
+        if known else f"{full_key}: no such setting"
+
+
+# What the commands read at the top of a composed config: anything else (`+foo=1`) is a typo.
+TOP_LEVEL = (*GROUP_SCHEMAS, "objective", "search", "sensitivity")
+
+
+def check_top_level(cfg: DictConfig) -> None:
+    """Raises ConfigError for a top-level key no command reads: it would be ignored silently."""
+    for key in cfg:
+        if key not in TOP_LEVEL:
+            raise ConfigError(unknown_setting(str(key), None))
 
 
 def settings_from(cfg: DictConfig) -> Settings:

@@ -18,8 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from src import interrupt, onednn, sweep_callback, tracking
-from src.config import ConfigError, TrackingConfig, register_resolvers
+from src import hydra_errors, interrupt, onednn, sweep_callback, tracking
+from src.config import ConfigError, TrackingConfig, check_top_level, register_resolvers
 from src.data import DataError
 
 
@@ -50,7 +50,8 @@ def main(cfg: DictConfig) -> float:
     if caution:
         print(caution, file=sys.stderr, flush=True)
     try:
-        refuse_schema_choice()  # a sweep's job: recorded FAILED like any refused setting
+        check_top_level(cfg)  # a sweep's job: recorded FAILED like any refused setting
+        refuse_schema_choice()
         from src.experiment import run  # TensorFlow: only once the overrides are accepted
 
         # Nested: a sweep parent run, when the sweep callback keeps one active, holds the jobs.
@@ -97,4 +98,4 @@ def record_failed_job(cfg: DictConfig, tags: dict[str, str], reason: str) -> Non
 
 if __name__ == "__main__":
     register_resolvers()
-    main()
+    hydra_errors.run(main)

@@ -26,8 +26,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from src import baseline, model_file, tracking
-from src.config import ConfigError, PruneConfig, register_resolvers, settings_from
+from src import baseline, hydra_errors, model_file, tracking
+from src.config import ConfigError, PruneConfig, check_top_level, register_resolvers, settings_from
 from src.data import DataError
 from src.keras_env import keras
 from src.prune import channel, layer_masks, prunable_kernels
@@ -164,6 +164,7 @@ def sensitivity(cfg: DictConfig) -> tuple[str, SensitivityTable]:
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: measures and logs the sensitivity, prints the run id to use."""
     try:
+        check_top_level(cfg)
         run_id, table = sensitivity(cfg)
     except (ConfigError, DataError) as error:
         raise SystemExit(f"error: {error}") from None
@@ -175,4 +176,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_resolvers()
-    main()
+    hydra_errors.run(main)

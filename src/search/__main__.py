@@ -9,8 +9,8 @@ import optuna
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from src import interrupt
-from src.config import ConfigError, register_resolvers
+from src import hydra_errors, interrupt
+from src.config import ConfigError, check_top_level, register_resolvers
 from src.data import DataError
 from src.search.worker import SearchAborted, run_search
 
@@ -24,6 +24,7 @@ def main(cfg: DictConfig) -> None:
     task_overrides = list(HydraConfig.get().overrides.task)
     replay = [o for o in task_overrides if not o.lstrip("~+").startswith("search")]
     try:
+        check_top_level(cfg)
         run_search(cfg, lambda extra: hydra.compose("config", overrides=task_overrides + extra),
                    replay)
     except (ConfigError, DataError, SearchAborted) as error:
@@ -36,4 +37,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_resolvers()
-    main()
+    hydra_errors.run(main)
