@@ -435,6 +435,10 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         _check_fraction(self.alpha, "distill.alpha")
+        if isinstance(self.teacher, int | list):  # an all-digit cache key; one teacher listed
+            names = [str(n) if isinstance(n, int) else n for n in
+                     (self.teacher if isinstance(self.teacher, list) else [self.teacher])]
+            self.teacher = names[0] if len(names) == 1 else names
         names = [self.teacher] if isinstance(self.teacher, str) else self.teacher
         _check(self.teacher is None or (isinstance(names, list) and names and
                                         all(isinstance(n, str) and n for n in names)),
@@ -512,7 +516,8 @@ def _typed(cfg: Any, schema: type, key: str) -> Any:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         return OmegaConf.to_object(merged)
     except (ConfigKeyError, ConfigAttributeError) as error:  # a key the schema lacks
-        raise ConfigError(unknown_setting(f"{key}.{error.full_key}", schema)) from None
+        nested = error.object_type if is_dataclass(error.object_type) else schema
+        raise ConfigError(unknown_setting(f"{key}.{error.full_key}", nested)) from None
     except OmegaConfBaseException as error:
         full_key = getattr(error, "full_key", None) or ""
         detail = str(error).splitlines()[0]

@@ -44,6 +44,7 @@ def main(cfg: DictConfig) -> float:
     Under --multirun a failed job returns NaN after recording its FAILED run (tags sweep_id,
     sweep_job, failure_reason), so the sweep goes on; the sweep callback reports it at the end.
     """
+    hydra_errors.job_started()
     interrupt.raise_on_sigterm()
     tags = sweep_tags()
     caution = onednn.warning(cfg.prune.method, cfg.prune.finetune_epochs)

@@ -163,6 +163,7 @@ def sensitivity(cfg: DictConfig) -> tuple[str, SensitivityTable]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sensitivity_command")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: measures and logs the sensitivity, prints the run id to use."""
+    hydra_errors.job_started()
     try:
         check_top_level(cfg)
         run_id, table = sensitivity(cfg)

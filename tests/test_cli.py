@@ -104,6 +104,11 @@ BAD_INPUT = {
     "unknown-key": (["prune=flat", "prune.rat=0.7"],
                     "error: prune.rat: no such setting (did you mean prune.rate?)"),
     "unparsable": (["prune.rate=["], "error: prune.rate=[: no viable alternative at input '['"),
+    "sweep-without-multirun": (["prune.rate=0.5,0.7"], "error: Ambiguous value for argument "
+                               "'prune.rate=0.5,0.7'; 1. To use it as a list, use key=[value1,"
+                               "value2]; 2. To use it as string, quote the value: key=\\'value1,"
+                               "value2\\'; 3. To sweep over it, add --multirun to your command "
+                               "line"),
     "unknown-top-level": (["+objectve=tflite_accuracy"],
                           "error: objectve: no such setting (did you mean objective?)"),
     "schema-option": (["quant=schema"], "error: quant=schema: the schema behind the quant"),
@@ -127,7 +132,8 @@ BAD_INPUT = {
 }
 # Through the real command: Hydra's refusals (made one line by src.hydra_errors), and some of
 # ours (each process costs seconds).
-HYDRA_REFUSES = ["rate-type", "unknown-option", "unknown-key", "unparsable"]
+HYDRA_REFUSES = ["rate-type", "unknown-option", "unknown-key", "unparsable",
+                 "sweep-without-multirun"]
 ON_THE_COMMAND_LINE = [*HYDRA_REFUSES, "unknown-top-level", "schema-option", "path-traversal"]
 
 

@@ -100,6 +100,16 @@ def test_bad_values_fail_naming_the_key(make_cfg, overrides, key):
         settings_from(make_cfg(*overrides))
 
 
+def test_an_unknown_key_is_named_with_the_nearest_setting_beside_it(make_cfg):
+    with pytest.raises(ConfigError, match=r"^prune.rat: no such setting \(did you mean "
+                                          r"prune.rate\?\)$"):
+        settings_from(make_cfg("+prune.rat=0.5"))
+    # nested: the settings of train.augment, not of train
+    with pytest.raises(ConfigError, match=r"^train.augment.rotatio: no such setting \(did you "
+                                          r"mean train.augment.rotation\?\)$"):
+        settings_from(make_cfg("+train.augment.rotatio=3"))
+
+
 def test_reference_experiments_use_the_stock_model(make_cfg):
     oneshot = settings_from(make_cfg("experiment=reference_oneshot", tiny=False))
     tfmot = settings_from(make_cfg("experiment=reference_tfmot", tiny=False))

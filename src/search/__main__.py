@@ -18,6 +18,7 @@ from src.search.worker import SearchAborted, run_search
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Runs the configured Optuna search; exits 1 on bad settings, 130/143 when stopped."""
+    hydra_errors.job_started()
     # Optuna's own INFO line per trial would repeat ours (src.search.worker.trial_line).
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     interrupt.raise_on_sigterm()
