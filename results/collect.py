@@ -26,7 +26,7 @@ import mlflow
 import yaml
 from matplotlib.figure import Figure
 
-from src.config import PROJECT_ROOT, widths_text
+from src.config import PROJECT_ROOT, DistillConfig, widths_text
 from src.config import result_settings as shaping_settings
 from src.report import STORED_BASELINE, short_model_name, stored_baseline_name
 from src.tracking import flatten
@@ -240,8 +240,7 @@ def committed_sources(config: dict, results: Path) -> list[Path]:
     (model=file) and its distillation teacher, named by path or by its cached baseline key."""
     models = (results / "models").resolve()
     paths = [Path(config["model"]["path"])] if config["model"]["name"] == "file" else []
-    teachers = (config.get("distill") or {}).get("teacher") or []
-    for teacher in [teachers] if isinstance(teachers, str) else teachers:
+    for teacher in DistillConfig(teacher=(config.get("distill") or {}).get("teacher")).teachers:
         paths.append(Path(teacher))
         paths += [f for f in models.glob("*.h5")
                   if (stored := STORED_BASELINE.fullmatch(f.stem)) and stored["key"] == teacher]

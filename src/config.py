@@ -435,16 +435,21 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         _check_fraction(self.alpha, "distill.alpha")
-        if isinstance(self.teacher, int | list):  # an all-digit cache key; one teacher listed
-            names = [str(n) if isinstance(n, int) else n for n in
-                     (self.teacher if isinstance(self.teacher, list) else [self.teacher])]
-            self.teacher = names[0] if len(names) == 1 else names
-        names = [self.teacher] if isinstance(self.teacher, str) else self.teacher
-        _check(self.teacher is None or (isinstance(names, list) and names and
-                                        all(isinstance(n, str) and n for n in names)),
-               "distill.teacher", f"must be a cache key or model file, or a non-empty list of "
-               f"them, got {self.teacher!r}")
+        if self.teacher is not None:  # one name (an all-digit cache key too) or a list
+            names = self.teacher if isinstance(self.teacher, list) else [self.teacher]
+            names = [str(n) if isinstance(n, int) else n for n in names]
+            _check(bool(names) and all(isinstance(n, str) and n for n in names),
+                   "distill.teacher", f"must be a cache key or model file, or a non-empty list "
+                   f"of them, got {self.teacher!r}")
+            self.teacher = names[0] if len(names) == 1 else names  # [a] is the setting a
         _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
+
+    @property
+    def teachers(self) -> list[str]:
+        """Returns the teachers distill.teacher names, [] for the run's own dense baseline."""
+        if self.teacher is None:
+            return []
+        return [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
 
 
 # ------------------------------------------------------------------ tracking, paths

@@ -47,11 +47,11 @@ def teacher_for(cfg: DistillConfig, dense: keras.Model, dense_accuracy: float,
         accuracy, source = dense_accuracy, "baseline"
     else:
         members = [_load_teacher(spec, cache_dir, trust_code, custom_objects)
-                   for spec in teacher_names(cfg)]
+                   for spec in cfg.teachers]
         for member in members:
             _check_fits(member, dense)
         teacher = members[0] if len(members) == 1 else Ensemble(members)
-        source = " + ".join(teacher_names(cfg))
+        source = " + ".join(cfg.teachers)
         from src.train import evaluate  # train imports this module for the Distiller
 
         accuracy = evaluate(teacher, x_test, y_test)
@@ -63,18 +63,11 @@ def check_teacher(cfg: DistillConfig, cache_dir: str | Path) -> None:
     """Raises ConfigError when distill.teacher names no model file and no cached baseline."""
     if cfg.alpha == 0:
         return
-    for spec in teacher_names(cfg):
+    for spec in cfg.teachers:
         cached = Path(cache_dir) / "baselines" / spec / "meta.json"
         if not Path(spec).expanduser().is_file() and not cached.is_file():
             raise ConfigError(f"distill.teacher: {spec!r} is neither a model file nor a "
                               f"cached baseline key under {Path(cache_dir) / 'baselines'}")
-
-
-def teacher_names(cfg: DistillConfig) -> list[str]:
-    """Returns the teachers distill.teacher names (one or a list), [] for the run's baseline."""
-    if cfg.teacher is None:
-        return []
-    return [cfg.teacher] if isinstance(cfg.teacher, str) else list(cfg.teacher)
 
 
 class Ensemble(keras.Model):
