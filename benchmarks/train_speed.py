@@ -1,4 +1,5 @@
-"""Training speed: XLA, threads, batch size, oneDNN and the input pipeline against the default.
+"""Training speed: XLA, threads, batch size, oneDNN, tf.data autotuning and the input pipeline
+against the default.
 
     python -m benchmarks.train_speed [--images 10000] [--epochs 3] [--repeats 5] [--arms ...]
 
@@ -6,7 +7,8 @@ Each arm is one ResNet-8 ``fit`` through ``src.train.fit`` (the project's pipeli
 and optimizer) in its own fresh process, since TensorFlow fixes its thread pools at start.
 The arms run interleaved, in a rotated order each repetition, so that a slow spell of this
 shared machine hits every arm alike.  Timed: training images/s over epochs 2.. (epoch 1
-holds tracing and XLA compilation, reported apart as ``first``), and evaluation images/s
+holds tracing and XLA compilation, reported apart as ``first``), the wall time between one
+epoch's end and the next one's start (``between``: mean seconds), and evaluation images/s
 (``src.train.evaluate``, second pass).  Each arm's figure is its ratio to the default arm
 *within the same repetition*; the table prints the median ratio and its min-max spread,
 plus the absolute medians and the validation accuracy reached at equal epochs.
@@ -39,24 +41,38 @@ ARMS = {
     "batch_256": ({"batch_size": 256}, None),
     "no_augmentation": ({"augment": {"crop_padding": 0, "flip": False}}, None),
     "onednn_off": ({}, None),
+    "autotune_on": ({}, None),
 }
 # Arms that differ in the environment the process starts with (read at TensorFlow's import).
 ARM_ENV = {"onednn_off": {"TF_ENABLE_ONEDNN_OPTS": "0"}}  # see src/onednn.py
+# Arms that switch a setting of src.train that is not a TrainConfig field.
+ARM_TRAIN = {"autotune_on": {"TF_DATA_AUTOTUNE": True}}  # tf.data's autotuning thread
 
 
 class EpochClock(keras.callbacks.Callback):
-    """Records each epoch's wall time."""
+    """Records each epoch's wall time, and the wall time between epochs."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+        self.between: list[float] = []
+        self.end: float | None = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start = time.perf_counter()
+        if self.end is not None:
+            self.between.append(self.start - self.end)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.seconds = [*getattr(self, "seconds", []), time.perf_counter() - self.start]
+        self.end = time.perf_counter()
+        self.seconds.append(self.end - self.start)
 
 
 def child(arm: str, images: int, test_images: int, epochs: int) -> dict:
     """Returns one arm's measurement, taken in this (fresh) process."""
     changes, threads = ARMS[arm]
+    for name, value in ARM_TRAIN.get(arm, {}).items():
+        setattr(train, name, value)
     if threads:  # before TensorFlow's first op, which fixes the pools
         tf.config.threading.set_intra_op_parallelism_threads(threads[0])
         tf.config.threading.set_inter_op_parallelism_threads(threads[1])
@@ -81,6 +97,7 @@ def child(arm: str, images: int, test_images: int, epochs: int) -> dict:
         train.evaluate(model, ds.x_test, ds.y_test)
         eval_seconds.append(time.perf_counter() - start)
     return {"train": n * (epochs - 1) / sum(clock.seconds[1:]), "first": clock.seconds[0],
+            "between": statistics.mean(clock.between) if clock.between else float("nan"),
             "eval": len(ds.x_test) / eval_seconds[1],
             "val_accuracy": history.get("val_accuracy", [float("nan")])[-1]}
 
@@ -100,16 +117,17 @@ def measure(arm: str, args: argparse.Namespace) -> dict:
 def summary(rows: list[dict[str, dict]], arms: list[str]) -> list[str]:
     """Returns the table lines: paired ratios to default (median, min-max) and medians."""
     lines = [f"{'arm':16s} {'train ratio':>20s} {'eval ratio':>20s} {'train img/s':>11s} "
-             f"{'eval img/s':>10s} {'first s':>8s} {'val acc':>7s}"]
+             f"{'eval img/s':>10s} {'first s':>8s} {'between s':>9s} {'val acc':>7s}"]
     for arm in arms:
         cells = []
         for key in ("train", "eval"):
             ratios = [row[arm][key] / row["default"][key] for row in rows]
             cells.append(f"{statistics.median(ratios):5.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
         med = {k: statistics.median(row[arm][k] for row in rows)
-               for k in ("train", "eval", "first", "val_accuracy")}
+               for k in ("train", "eval", "first", "between", "val_accuracy")}
         lines.append(f"{arm:16s} {cells[0]:>20s} {cells[1]:>20s} {med['train']:11.0f} "
-                     f"{med['eval']:10.0f} {med['first']:8.1f} {med['val_accuracy']:7.3f}")
+                     f"{med['eval']:10.0f} {med['first']:8.1f} {med['between']:9.2f} "
+                     f"{med['val_accuracy']:7.3f}")
     return lines
 
 

@@ -13,6 +13,20 @@ from src.config import TrainConfig
 from src.distill import Distillation, Distiller
 from src.keras_env import keras, tf
 
+# tf.data's autotuning runs an optimisation thread that sleeps up to 60 s between rounds, and
+# an iterator's teardown waits for it: Keras builds a new iterator each epoch, so a long training
+# lost 0-35 s between epochs (a third of its wall time). Off in every pipeline here; parallel
+# calls and prefetch keep TensorFlow's defaults. `python -m benchmarks.train_speed --arms
+# autotune_on` measures it (benchmarks/RESULTS.md).
+TF_DATA_AUTOTUNE = False
+
+
+def without_autotune(data: tf.data.Dataset) -> tf.data.Dataset:
+    """Returns data with tf.data's autotuning thread off, unless TF_DATA_AUTOTUNE is set."""
+    options = tf.data.Options()
+    options.autotune.enabled = TF_DATA_AUTOTUNE
+    return data.with_options(options)
+
 
 def input_pipeline(
     x: np.ndarray, y: np.ndarray, num_classes: int, cfg: TrainConfig, training: bool
@@ -34,7 +48,8 @@ def input_pipeline(
             images = tf.image.random_flip_left_right(images)
         return images, tf.one_hot(labels, num_classes)
 
-    return data.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return without_autotune(
+        data.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
 
 
 def random_crop(images: tf.Tensor, pad: int) -> tf.Tensor:
@@ -197,6 +212,7 @@ def fit(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
     """Returns the model's top-1 accuracy on (x, y)."""
-    probs = model.predict(tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
-                          .map(lambda b: tf.cast(b, tf.float32)), verbose=0)
+    batches = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+    probs = model.predict(without_autotune(batches.map(lambda b: tf.cast(b, tf.float32))),
+                          verbose=0)
     return float(np.mean(np.argmax(probs, axis=1) == y))

@@ -69,6 +69,15 @@ def test_rotation_turns_each_image_about_its_centre():
     assert np.array_equal(evaluation.numpy(), x.astype(np.float32))  # only training rotates
 
 
+def test_pipelines_run_without_the_autotuning_thread():
+    # Its teardown waited up to 60 s between epochs (benchmarks/RESULTS.md, "between epochs").
+    x, y = np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4, np.int64)
+    for training in (True, False):
+        data = train.input_pipeline(x, y, 10, TrainConfig(batch_size=2), training=training)
+        assert data.options().autotune.enabled is False
+        assert [b[0].shape[0] for b in data] == [2, 2]
+
+
 def test_mlperf_experiment_is_the_reference_recipe(make_cfg):
     settings = settings_from(make_cfg("experiment=mlperf_resnet8", tiny=False))
     t = settings.train
