@@ -39,7 +39,8 @@ NOT_RESULT = ("paths", "tracking", "train.verbose", "train.checkpoint_every", "o
 # value that leaves behaviour as it was: left out of cache keys, a study's recorded settings
 # and results rows while at that value, so what was recorded before still matches.
 ADDED_LATER = {"train.augment.rotation": 0.0, "train.lr_decay": 0.99,
-               "measure.latency_kernels": "xnnpack", "prune.widths": None}
+               "measure.latency_kernels": "xnnpack", "prune.widths": None,
+               "train.augment.mixup": 0.0}
 
 
 def without_added_defaults(settings: dict, prefix: str = "") -> dict:
@@ -242,11 +243,14 @@ class ModelConfig:
 # ---------------------------------------------------------------------------- train
 @dataclass
 class AugmentConfig:
-    """Training augmentation: random rotation, padded random crop and horizontal flip."""
+    """Training augmentation: random rotation, padded random crop, horizontal flip and mixup."""
 
     crop_padding: int = 4  # pad then random crop back; 0 turns it off
     flip: bool = True
     rotation: float = 0.0  # degrees: each image turned by a random angle within +-rotation
+    # mixup: each image (and its label) blended with another of the batch, weight ~ Beta(a, a);
+    # a is this value, 0 turns it off (0.2-0.4 is usual for CIFAR-10)
+    mixup: float = 0.0
 
 
 @dataclass
@@ -287,6 +291,8 @@ class TrainConfig:
         _check(self.augment.crop_padding >= 0, "train.augment.crop_padding", "must be >= 0")
         _check(0 <= self.augment.rotation <= 180, "train.augment.rotation",
                f"must be in [0, 180] degrees, got {self.augment.rotation}")
+        _check(self.augment.mixup >= 0, "train.augment.mixup",
+               f"must be >= 0 (0 turns it off), got {self.augment.mixup}")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
 
 

@@ -46,10 +46,27 @@ def input_pipeline(
             images = random_crop(images, pad)
         if training and cfg.augment.flip:
             images = tf.image.random_flip_left_right(images)
-        return images, tf.one_hot(labels, num_classes)
+        labels = tf.one_hot(labels, num_classes)
+        if training and cfg.augment.mixup:
+            images, labels = mix_up(images, labels, cfg.augment.mixup)
+        return images, labels
 
     return without_autotune(
         data.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
+
+
+def mix_up(images: tf.Tensor, labels: tf.Tensor, alpha: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """Returns each image and one-hot label of the batch blended with those of another image of
+    the batch (a random pairing), by a weight drawn per image from Beta(alpha, alpha)."""
+    n = tf.shape(images)[0]
+    first, second = tf.random.gamma([n], alpha), tf.random.gamma([n], alpha)
+    weight = tf.math.divide_no_nan(first, first + second)  # Beta(alpha, alpha)
+    partner = tf.random.shuffle(tf.range(n))
+
+    def blend(values: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+        return weights * values + (1 - weights) * tf.gather(values, partner)
+
+    return blend(images, weight[:, None, None, None]), blend(labels, weight[:, None])
 
 
 def random_crop(images: tf.Tensor, pad: int) -> tf.Tensor:

@@ -18,6 +18,7 @@ from src.checkpoint import EpochCheckpoint
 from src.config import (
     PROJECT_ROOT,
     AugmentConfig,
+    ConfigError,
     DistillConfig,
     PruneConfig,
     TrainConfig,
@@ -67,6 +68,20 @@ def test_rotation_turns_each_image_about_its_centre():
     assert not np.allclose(image_sums, np.sort(x.reshape(64, -1).sum(1).astype(float)))
     evaluation, _ = next(iter(train.input_pipeline(x, np.zeros(64, int), 2, cfg, False)))
     assert np.array_equal(evaluation.numpy(), x.astype(np.float32))  # only training rotates
+
+
+def test_mixup_blends_each_image_and_its_label_with_one_partner_by_the_same_weight():
+    x = np.stack([np.full((4, 4, 3), 10 * k, np.uint8) for k in range(8)])  # image k is all 10k
+    cfg = TrainConfig(batch_size=8, augment=AugmentConfig(crop_padding=0, flip=False, mixup=0.4))
+    images, labels = next(iter(train.input_pipeline(x, np.arange(8), 8, cfg, training=True)))
+    images, labels = images.numpy(), labels.numpy()
+    assert np.allclose(labels.sum(1), 1) and (np.count_nonzero(labels, axis=1) <= 2).all()
+    # Each image stays flat, at the label-weighted mean of its two sources' values.
+    assert np.allclose(images, images[:, :1, :1, :1], atol=1e-3)
+    assert np.allclose(images[:, 0, 0, 0], labels @ (10.0 * np.arange(8)), atol=1e-3)
+    assert not np.allclose(labels, np.round(labels))  # some images were blended
+    with pytest.raises(ConfigError, match="train.augment.mixup"):
+        TrainConfig(augment=AugmentConfig(mixup=-1))
 
 
 def test_pipelines_run_without_the_autotuning_thread():
