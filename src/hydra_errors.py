@@ -25,14 +25,16 @@ from src.config import unknown_setting
 FULL_ERROR = "HYDRA_FULL_ERROR"
 RAISING = "1"  # the value Hydra checks for
 _set_here = False
+_user_value: str | None = None  # the user's HYDRA_FULL_ERROR (e.g. 0), given back to the job
 
 
 def run(main: Callable[[], object]) -> None:
     """Runs a @hydra.main function; exits with one line when Hydra refuses an override."""
-    global _set_here
+    global _set_here, _user_value
     if os.environ.get(FULL_ERROR) == RAISING:
         main()
         return
+    _user_value = os.environ.get(FULL_ERROR)
     os.environ[FULL_ERROR], _set_here = RAISING, True  # Hydra raises instead of printing
     try:
         main()
@@ -47,7 +49,10 @@ def job_started() -> None:
     had): only composing the command line's config reports in one line."""
     global _set_here
     if _set_here:
-        os.environ.pop(FULL_ERROR, None)
+        if _user_value is None:
+            os.environ.pop(FULL_ERROR, None)
+        else:
+            os.environ[FULL_ERROR] = _user_value
         _set_here = False
 
 

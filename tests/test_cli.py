@@ -254,3 +254,22 @@ def test_submitit_local_runs_each_job_in_its_own_process(tmp_path):
     assert sorted(r.data.tags["baseline_reused"] for r in jobs.values()) == ["False", "True"]
     logs = list(tmp_path.glob("mlruns/outputs/multiruns/*/*/.submitit/*/*_log.out"))
     assert len({log.parent.name for log in logs}) == 2  # one submitit job folder each
+
+
+@pytest.mark.parametrize("users", [None, "0"])
+def test_hydra_full_error_is_raised_while_composing_and_the_users_given_back(monkeypatch, users):
+    from src import hydra_errors
+
+    if users is None:
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    else:
+        monkeypatch.setenv("HYDRA_FULL_ERROR", users)
+    seen = []
+
+    def main():  # as a @hydra.main function: composing, then the job
+        seen.append(os.environ.get("HYDRA_FULL_ERROR"))
+        hydra_errors.job_started()
+        seen.append(os.environ.get("HYDRA_FULL_ERROR"))
+
+    hydra_errors.run(main)
+    assert seen == ["1", users] and os.environ.get("HYDRA_FULL_ERROR") == users
