@@ -88,7 +88,8 @@ def headline(settings: Settings, metrics: Mapping[str, float], run_id: str = "",
                    f"{count(get('baseline_params'))} params"
                    + (f", {removed}" if get("sparsity_global") >= 0.0005 else ""))
     line = (f"{run_name(settings)}: TFLite accuracy {get('tflite_accuracy'):.2%} "
-            f"(dense {get('baseline_test_accuracy'):.2%}), {removed}, "
+            f"(dense {get('baseline_test_accuracy'):.2%}{teacher_clause(settings, metrics)}), "
+            f"{removed}, "
             f".tflite {get('tflite_bytes') / KB:.1f} KB, "
             f"zipped {get('tflite_zip_bytes') / KB:.1f} KB, ")
     if "tflite_latency_ms" in metrics:
@@ -97,6 +98,17 @@ def headline(settings: Settings, metrics: Mapping[str, float], run_id: str = "",
                  f"({settings.measure.latency_kernels}, {threads} thread{'s' * (threads != 1)}), ")
     line += f"{get('accuracy_per_mb'):.2f} accuracy/MB"
     return f"{line}, run {run_id}" if run_id else line
+
+
+def teacher_clause(settings: Settings, metrics: Mapping[str, float]) -> str:
+    """Returns ', teacher resnet8x1.5@54abc3 + my-teacher 87.39%' for a run distilled from
+    a teacher other than its own dense model, with the teacher's (the ensemble's) accuracy."""
+    distill = getattr(settings, "distill", None)
+    if not distill or distill.alpha <= 0 or not distill.teachers:
+        return ""
+    names = " + ".join(short_model_name(Path(name).stem) for name in distill.teachers)
+    accuracy = metrics.get("teacher_test_accuracy")
+    return f", teacher {names}" + (f" {accuracy:.2%}" if accuracy is not None else "")
 
 
 def count(n: float) -> str:

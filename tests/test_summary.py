@@ -67,6 +67,15 @@ def test_headline_gives_accuracies_sparsity_sizes_in_kb_latency_and_run_id(make_
     metrics.update(sparsity_global=0.3, baseline_params=2_236_682)
     assert "15.0k of 2.24M params, sparsity 30.0%, .tflite" in \
         report.headline(settings, metrics, widths="8-8-16-16-64-48")
+    # Taught by other models than its own dense one: they are named, with their accuracy.
+    settings.distill.alpha = 0.9
+    settings.distill.teacher = ["results/models/resnet8x1.5-dense-54abc3a6ca142f2b.h5",
+                                "my-teacher.keras"]
+    metrics["teacher_test_accuracy"] = 0.8739
+    assert "(dense 85.25%, teacher resnet8x1.5@54abc3 + my-teacher 87.39%), widths" in \
+        report.headline(settings, metrics, widths="8-8-16-16-64-48")
+    settings.distill.teacher = None  # its own dense model: already named by 'dense'
+    assert "(dense 85.25%), widths" in report.headline(settings, metrics, widths="8-8-16-16-64-48")
 
 
 def run_quietly(code: str, verbose: bool) -> subprocess.CompletedProcess:
