@@ -9,6 +9,7 @@ softmax of their mean log-probabilities (their normalised geometric mean).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,9 @@ def teacher_for(cfg: DistillConfig, dense: keras.Model, dense_accuracy: float,
     model.custom_objects. Call it before pruning: dense is pruned in place afterwards.
     """
     if cfg.alpha == 0:
+        if cfg.teachers:
+            print("warning: distill.teacher is set but distill.alpha is 0: the fine-tuning is "
+                  "not distilled (distill=kd distills, alpha 0.7)", file=sys.stderr, flush=True)
         return None
     if cfg.teacher is None:
         teacher = keras.models.clone_model(dense)

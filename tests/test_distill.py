@@ -74,6 +74,13 @@ def _flat_model(classes: int) -> keras.Model:
                              keras.layers.Dense(classes, activation="softmax")])
 
 
+def test_teacher_set_without_distillation_is_not_used_and_says_so(tmp_path, capsys):
+    x, y = np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8, np.int64)
+    assert teacher_for(DistillConfig(alpha=0.0, teacher="t.h5"), _flat_model(4), 0.0, tmp_path,
+                       x, y) is None
+    assert "warning: distill.teacher is set but distill.alpha is 0" in capsys.readouterr().err
+
+
 def test_teacher_from_a_model_file_is_frozen_and_evaluated(tmp_path):
     _flat_model(4).save(tmp_path / "teacher.h5")
     x = np.zeros((8, 32, 32, 3), np.uint8)
