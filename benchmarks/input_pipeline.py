@@ -3,32 +3,25 @@
 
     python -m benchmarks.input_pipeline [--images 20000] [--epochs 3] [--batch 128]
 
-The first epoch (tracing, warm-up) is left out; the rest are timed per epoch.
+The first epoch (tracing, warm-up) is left out; the rest are timed per epoch, inside each
+epoch (the time between epochs is ``benchmarks.train_speed``'s ``between``). The project's
+pipeline runs without tf.data's autotuning (src/train.py says why); Keras' own pipeline for
+in-memory tensors runs with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import numpy as np
 
 from benchmarks.common import CIFAR_JPG, data_label, machine
+from benchmarks.train_speed import EpochClock
 from src import data, models
 from src.config import AugmentConfig, DataConfig, ModelConfig, TrainConfig
 from src.keras_env import keras, tf
 from src.train import compile_model, input_pipeline
-
-
-class EpochClock(keras.callbacks.Callback):
-    """Records each epoch's wall time."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds = [*getattr(self, "seconds", []), time.perf_counter() - self.start]
 
 
 def images_per_second(fit, n: int, epochs: int) -> float:

@@ -41,9 +41,6 @@ def teacher_for(cfg: DistillConfig, dense: keras.Model, dense_accuracy: float,
     model.custom_objects. Call it before pruning: dense is pruned in place afterwards.
     """
     if cfg.alpha == 0:
-        if cfg.teachers:
-            print("warning: distill.teacher is set but distill.alpha is 0: the fine-tuning is "
-                  "not distilled (distill=kd distills, alpha 0.7)", file=sys.stderr, flush=True)
         return None
     if cfg.teacher is None:
         teacher = keras.models.clone_model(dense)
@@ -64,8 +61,12 @@ def teacher_for(cfg: DistillConfig, dense: keras.Model, dense_accuracy: float,
 
 
 def check_teacher(cfg: DistillConfig, cache_dir: str | Path) -> None:
-    """Raises ConfigError when distill.teacher names no model file and no cached baseline."""
+    """Raises ConfigError when distill.teacher names no model file and no cached baseline;
+    warns when it is set but distill.alpha is 0 (it is not used then)."""
     if cfg.alpha == 0:
+        if cfg.teachers:
+            print("warning: distill.teacher is set but distill.alpha is 0: the fine-tuning is "
+                  "not distilled (distill=kd distills, alpha 0.7)", file=sys.stderr, flush=True)
         return
     for spec in cfg.teachers:
         cached = Path(cache_dir) / "baselines" / spec / "meta.json"

@@ -104,11 +104,11 @@ def teacher_clause(settings: Settings, metrics: Mapping[str, float]) -> str:
     """Returns ', teacher resnet8x1.5@54abc3 + my-teacher 87.39%' for a run distilled from
     a teacher other than its own dense model, with the teacher's (the ensemble's) accuracy."""
     distill = getattr(settings, "distill", None)
-    if not distill or distill.alpha <= 0 or not distill.teachers:
+    accuracy = metrics.get("teacher_test_accuracy")  # logged only when a teacher taught
+    if not distill or not distill.teachers or accuracy is None:
         return ""
     names = " + ".join(short_model_name(Path(name).stem) for name in distill.teachers)
-    accuracy = metrics.get("teacher_test_accuracy")
-    return f", teacher {names}" + (f" {accuracy:.2%}" if accuracy is not None else "")
+    return f", teacher {names} {accuracy:.2%}"
 
 
 def count(n: float) -> str:

@@ -15,9 +15,10 @@ from src.keras_env import keras, tf
 
 # tf.data's autotuning runs an optimisation thread that sleeps up to 60 s between rounds, and
 # an iterator's teardown waits for it: Keras builds a new iterator each epoch, so a long training
-# lost 0-35 s between epochs (a third of its wall time). Off in every pipeline here; parallel
-# calls and prefetch keep TensorFlow's defaults. `python -m benchmarks.train_speed --arms
-# autotune_on` measures it (benchmarks/RESULTS.md).
+# lost 0-35 s between epochs (a third of its wall time). Off in every pipeline here: a map
+# with AUTOTUNE then runs min(16, TensorFlow's thread pool) calls at once, and a prefetch with
+# AUTOTUNE doubles its buffer whenever the model finds it empty. `python -m
+# benchmarks.train_speed --arms autotune_on` measures both sides (benchmarks/RESULTS.md).
 TF_DATA_AUTOTUNE = False
 
 

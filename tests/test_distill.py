@@ -8,7 +8,7 @@ import pytest
 from src import baseline, train
 from src.config import ConfigError, DistillConfig, settings_from
 from src.data import load
-from src.distill import Ensemble, log_softmax_input, soft_loss, teacher_for
+from src.distill import Ensemble, check_teacher, log_softmax_input, soft_loss, teacher_for
 from src.experiment import run
 from src.keras_env import keras, tf
 from tests.conftest import runs_of
@@ -76,9 +76,10 @@ def _flat_model(classes: int) -> keras.Model:
 
 def test_teacher_set_without_distillation_is_not_used_and_says_so(tmp_path, capsys):
     x, y = np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8, np.int64)
-    assert teacher_for(DistillConfig(alpha=0.0, teacher="t.h5"), _flat_model(4), 0.0, tmp_path,
-                       x, y) is None
+    cfg = DistillConfig(alpha=0.0, teacher="t.h5")  # no such file: not looked for either
+    check_teacher(cfg, tmp_path)  # as the run starts, before any baseline
     assert "warning: distill.teacher is set but distill.alpha is 0" in capsys.readouterr().err
+    assert teacher_for(cfg, _flat_model(4), 0.0, tmp_path, x, y) is None
 
 
 def test_teacher_from_a_model_file_is_frozen_and_evaluated(tmp_path):

@@ -76,6 +76,9 @@ def test_headline_gives_accuracies_sparsity_sizes_in_kb_latency_and_run_id(make_
         report.headline(settings, metrics, widths="8-8-16-16-64-48")
     settings.distill.teacher = None  # its own dense model: already named by 'dense'
     assert "(dense 85.25%), widths" in report.headline(settings, metrics, widths="8-8-16-16-64-48")
+    settings.distill.teacher = "t.h5"
+    del metrics["teacher_test_accuracy"]  # not fine-tuned: no teacher taught
+    assert "(dense 85.25%), widths" in report.headline(settings, metrics, widths="8-8-16-16-64-48")
 
 
 def run_quietly(code: str, verbose: bool) -> subprocess.CompletedProcess:

@@ -80,6 +80,8 @@ def test_mixup_blends_each_image_and_its_label_with_one_partner_by_the_same_weig
     assert np.allclose(images, images[:, :1, :1, :1], atol=1e-3)
     assert np.allclose(images[:, 0, 0, 0], labels @ (10.0 * np.arange(8)), atol=1e-3)
     assert not np.allclose(labels, np.round(labels))  # some images were blended
+    images, labels = next(iter(train.input_pipeline(x, np.arange(8), 8, cfg, training=False)))
+    assert np.array_equal(labels.numpy(), np.eye(8)) and np.array_equal(images.numpy(), x)
     with pytest.raises(ConfigError, match="train.augment.mixup"):
         TrainConfig(augment=AugmentConfig(mixup=-1))
 
@@ -91,6 +93,13 @@ def test_pipelines_run_without_the_autotuning_thread():
         data = train.input_pipeline(x, y, 10, TrainConfig(batch_size=2), training=training)
         assert data.options().autotune.enabled is False
         assert [b[0].shape[0] for b in data] == [2, 2]
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(10, activation="softmax")])
+    predict = model.predict
+    model.predict = lambda data, **kw: (seen.append(data.options().autotune.enabled),
+                                        predict(data, **kw))[1]
+    seen = []
+    assert train.evaluate(model, x, y) in (0.0, 1.0) and seen == [False]
 
 
 def test_mlperf_experiment_is_the_reference_recipe(make_cfg):
@@ -187,10 +196,11 @@ def test_settings_added_later_leave_earlier_keys_as_they_were():
     # Baselines cached, studies started and results recorded before train.lr_decay and
     # train.augment.rotation existed must still match while those are at their neutral value.
     recipe = baseline._recipe(TrainConfig())
-    assert "lr_decay" not in recipe and "rotation" not in recipe["augment"]
-    assert baseline._recipe(TrainConfig(augment=AugmentConfig(rotation=15)))["augment"][
-        "rotation"] == 15
-    flat = {"train.lr_decay": 0.99, "train.augment.rotation": 0.0, "train.lr": 0.1}
+    assert "lr_decay" not in recipe and not {"rotation", "mixup"} & set(recipe["augment"])
+    assert baseline._recipe(TrainConfig(augment=AugmentConfig(rotation=15, mixup=0.2)))[
+        "augment"] == {**recipe["augment"], "rotation": 15, "mixup": 0.2}
+    flat = {"train.lr_decay": 0.99, "train.augment.rotation": 0.0, "train.augment.mixup": 0.0,
+            "train.lr": 0.1}
     assert without_added_defaults(flat) == {"train.lr": 0.1}
     assert without_added_defaults({**flat, "train.lr_decay": 0.9})["train.lr_decay"] == 0.9
     # prune.widths likewise: fine-tunings checkpointed before it resume under the same key.
