@@ -31,6 +31,11 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.folder, self.every = Path(folder), max(1, every)
         self.history: dict[str, list[float]] = {}
         self.resumed_from_epoch = 0
+        self.tracked: dict[str, tf.train.Checkpoint] = {}
+
+    def track(self, **state: tf.train.Checkpoint) -> None:
+        """Adds training state beyond model and optimizer (a weight average) to every entry."""
+        self.tracked.update(state)
 
     def restore(self, model: keras.Model) -> int:
         """Returns the epochs completed by the newest valid entry, restored into model (or 0).
@@ -44,7 +49,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
             if state is None:
                 continue
             try:
-                _trackable(model).read(str(entry / PREFIX)).assert_existing_objects_matched()
+                checkpoint = _trackable(model, self.tracked)
+                checkpoint.read(str(entry / PREFIX)).assert_existing_objects_matched()
             except (tf.errors.OpError, AssertionError, ValueError) as error:
                 _discard(entry, f"cannot be restored ({str(error).splitlines()[0]})")
                 continue
@@ -63,7 +69,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         """Returns the entry written for the completed epoch, older entries removed after it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.folder))
-        _trackable(self.model).write(str(staging / PREFIX))
+        _trackable(self.model, self.tracked).write(str(staging / PREFIX))
         sums = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
         state = {"epoch": epoch, "history": self.history, "sha256": sums}
         (staging / STATE_FILE).write_text(json.dumps(state))
@@ -81,8 +87,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _trackable(model: keras.Model) -> tf.train.Checkpoint:
-    return tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+def _trackable(model: keras.Model, tracked: dict) -> tf.train.Checkpoint:
+    return tf.train.Checkpoint(model=model, optimizer=model.optimizer, **tracked)
 
 
 def _entries(folder: Path) -> list[Path]:

@@ -40,7 +40,7 @@ NOT_RESULT = ("paths", "tracking", "train.verbose", "train.checkpoint_every", "o
 # and results rows while at that value, so what was recorded before still matches.
 ADDED_LATER = {"train.augment.rotation": 0.0, "train.lr_decay": 0.99,
                "measure.latency_kernels": "xnnpack", "prune.widths": None,
-               "train.augment.mixup": 0.0}
+               "train.augment.mixup": 0.0, "train.swa_start": None, "train.swa_lr": 0.5}
 
 
 def without_added_defaults(settings: dict, prefix: str = "") -> dict:
@@ -273,6 +273,12 @@ class TrainConfig:
     verbose: int = 1  # Keras progress: 0 silent, 1 bar, 2 one line per epoch
     checkpoint_every: int = 1  # epochs between resumable checkpoints of a baseline training
     jit_compile: bool = False  # XLA-compile training and evaluation (benchmarks/train_speed.py)
+    # Stochastic weight averaging: the weights at the end of every epoch after this fraction of
+    # the epochs are averaged, and the average (BatchNorm statistics re-estimated on the training
+    # images) is the trained model; null: off. With the cosine schedule the rate decays to
+    # lr x swa_lr by the first averaged epoch and holds there.
+    swa_start: float | None = None
+    swa_lr: float = 0.5
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -294,6 +300,10 @@ class TrainConfig:
         _check(self.augment.mixup >= 0, "train.augment.mixup",
                f"must be >= 0 (0 turns it off), got {self.augment.mixup}")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(self.swa_start is None or 0 < self.swa_start < 1, "train.swa_start",
+               f"must be in (0, 1), a fraction of the epochs, or null (off), got {self.swa_start}")
+        _check(0 < self.swa_lr <= 1, "train.swa_lr",
+               f"must be in (0, 1], a fraction of the peak rate, got {self.swa_lr}")
 
 
 # ---------------------------------------------------------------------------- prune
@@ -503,6 +513,9 @@ class Settings:
     def __post_init__(self) -> None:
         _check(self.objective in OBJECTIVES, "objective",
                f"unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
+        _check(self.train.swa_start is None or self.prune.method != "tfmot", "train.swa_start",
+               "cannot average the weights of a tfmot schedule, whose masks change while it "
+               "trains; use prune=flat or prune=layer")
 
 
 # The schema behind each config group; settings_from checks every group against it.

@@ -136,13 +136,18 @@ class ExponentialAfterWarmup(keras.optimizers.schedules.LearningRateSchedule):
 def make_schedule(cfg: TrainConfig, lr: float, epochs: int, steps_per_epoch: int,
                   warmup_epochs: float) -> keras.optimizers.schedules.LearningRateSchedule:
     """Returns linear warm-up to lr, then cosine decay to zero, lr held constant, or lr times
-    train.lr_decay after every epoch (exponential)."""
+    train.lr_decay after every epoch (exponential). With weight averaging (train.swa_start)
+    the cosine decays to lr x train.swa_lr by the first averaged epoch, then holds."""
     warmup = int(warmup_epochs * steps_per_epoch)
     if cfg.schedule == "exponential":
         return ExponentialAfterWarmup(lr, cfg.lr_decay, steps_per_epoch, warmup)
     decay = max(epochs * steps_per_epoch - warmup, 1)
     # alpha=1 keeps the rate at its peak: the constant schedule, warm-up included.
     floor = 0.0 if cfg.schedule == "cosine" else 1.0
+    if cfg.schedule == "cosine" and cfg.swa_start is not None:
+        # CosineDecay holds lr x alpha after decay_steps: the constant averaging phase.
+        decay = max(swa_first_epoch(cfg, epochs) * steps_per_epoch - warmup, 1)
+        floor = cfg.swa_lr
     if not warmup:
         return keras.optimizers.schedules.CosineDecay(lr, decay, alpha=floor)
     # Warm-up starts one step in (lr / warmup), as the hand-written schedule did, not at zero.
@@ -186,6 +191,67 @@ def ends_in_softmax(model: keras.Model) -> bool:
     return getattr(function, "__name__", "") == "softmax"  # also a tf.nn.softmax op layer
 
 
+def swa_first_epoch(cfg: TrainConfig, epochs: int) -> int:
+    """Returns the epochs trained before weight averaging begins (at least one is averaged)."""
+    return min(int(cfg.swa_start * epochs), epochs - 1)
+
+
+class WeightAverage(keras.callbacks.Callback):
+    """Stochastic weight averaging (Izmailov et al. 2018): the running mean of the model's
+    trainable weights at the end of every epoch after `first_epoch`.
+
+    The mean and its count are variables that an epoch checkpoint saves with the model, so a
+    resumed training averages the same epochs as one that never stopped.
+    """
+
+    def __init__(self, model: keras.Model, first_epoch: int):
+        super().__init__()
+        self.student, self.first_epoch = model, first_epoch
+        self.count = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.means = [tf.Variable(tf.zeros_like(w), trainable=False)
+                      for w in model.trainable_weights]
+        self.state = tf.train.Checkpoint(count=self.count, means=self.means)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch + 1 <= self.first_epoch:
+            return
+        count = self.count.assign_add(1)
+        for mean, weight in zip(self.means, self.student.trainable_weights):
+            mean.assign_add((weight - mean) / tf.cast(count, mean.dtype))
+
+    def apply(self, x_train: np.ndarray, y_train: np.ndarray, num_classes: int,
+              cfg: TrainConfig) -> None:
+        """Sets the model's weights to the average and re-estimates its BatchNorm statistics
+        on the training images (unaugmented): the averaged weights need their own."""
+        for mean, weight in zip(self.means, self.student.trainable_weights):
+            weight.assign(mean)
+        batches = input_pipeline(x_train, y_train, num_classes, cfg, training=False)
+        reestimate_batchnorm(self.student, batches.map(lambda images, labels: images))
+        print(f"weight averaging: the model is the mean of the weights after each of its last "
+              f"{int(self.count)} epochs, BatchNorm statistics re-estimated on {len(x_train)} "
+              "training images", file=sys.stderr, flush=True)
+
+
+def reestimate_batchnorm(model: keras.Model, batches: tf.data.Dataset) -> None:
+    """Replaces every BatchNorm layer's moving statistics by their mean over the batches."""
+    norms = [layer for layer in model.submodules
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    if not norms:
+        return
+    kept = [layer.momentum for layer in norms]
+    for layer in norms:
+        layer.moving_mean.assign(tf.zeros_like(layer.moving_mean))
+        layer.moving_variance.assign(tf.ones_like(layer.moving_variance))
+    try:
+        for seen, images in enumerate(batches):
+            for layer in norms:  # the k-th batch weighs 1/k: a plain mean over all batches
+                layer.momentum = seen / (seen + 1)
+            model(images, training=True)
+    finally:
+        for layer, momentum in zip(norms, kept):
+            layer.momentum = momentum
+
+
 class RaiseOnNaN(keras.callbacks.Callback):
     """Fails training at the first NaN or infinite loss instead of training on garbage."""
 
@@ -210,6 +276,10 @@ def fit(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.
     steps = math.ceil(len(x_train) / cfg.batch_size)
     trained = Distiller(model, distill) if distill else model
     compile_model(trained, cfg, lr, epochs, steps, warmup_epochs)
+    average = WeightAverage(model, swa_first_epoch(cfg, epochs)) \
+        if cfg.swa_start is not None else None
+    if checkpoint and average:
+        checkpoint.track(weight_average=average.state)
     initial_epoch = checkpoint.restore(trained) if checkpoint else 0
     if initial_epoch:
         print(f"resuming training after epoch {initial_epoch} of {epochs} from the checkpoint "
@@ -219,10 +289,13 @@ def fit(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.
         if len(x_val) else None
     # The checkpoint first: an epoch that others (live MLflow curves) have seen is saved, so a
     # resume does not train it again.
-    extra = [checkpoint] if checkpoint else []
+    # The average before the checkpoint, which then saves it with the epoch it includes.
+    extra = [callback for callback in (average, checkpoint) if callback]
     history = trained.fit(train_data, validation_data=val_data, epochs=epochs,
                           initial_epoch=initial_epoch,
                           callbacks=[RaiseOnNaN(), *extra, *callbacks], verbose=cfg.verbose)
+    if average:
+        average.apply(x_train, y_train, num_classes, cfg)
     if checkpoint:
         return checkpoint.history
     return {k: [float(v) for v in values] for k, values in history.history.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -147,6 +148,66 @@ def test_checkpoint_every_n_epochs_keeps_the_last(tmp_path):
     assert len(history["loss"]) == 3 and checkpoint.resumed_from_epoch == 0
 
 
+class EpochEndWeights(keras.callbacks.Callback):
+    """Records the model's trainable weights at the end of every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen.append([w.numpy() for w in self.model.trainable_weights])
+
+
+def test_weight_average_is_the_mean_of_the_averaged_epochs_and_survives_a_resume(tmp_path):
+    cfg = TrainConfig(batch_size=16, verbose=0, augment=AugmentConfig(0, False), swa_start=0.5)
+    x, y = np.random.default_rng(0).integers(0, 255, (64, 8, 8, 3)).astype(np.uint8), \
+        np.arange(64) % 2
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization(),
+        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
+    seen = EpochEndWeights()
+    train.fit(model, x, y, x[:0], y[:0], 2, cfg, epochs=4, lr=0.05, warmup_epochs=0,
+              callbacks=[seen], checkpoint=EpochCheckpoint(tmp_path / "ckpt"))
+    for index, weight in enumerate(model.trainable_weights):  # epochs 3 and 4 averaged
+        expected = np.mean([seen.seen[2][index], seen.seen[3][index]], axis=0)
+        np.testing.assert_allclose(weight.numpy(), expected, rtol=1e-5, atol=1e-6)
+    # A process that stopped after the last epoch's checkpoint resumes to the same average.
+    again = keras.models.clone_model(model)
+    train.fit(again, x, y, x[:0], y[:0], 2, cfg, epochs=4, lr=0.05, warmup_epochs=0,
+              checkpoint=EpochCheckpoint(tmp_path / "ckpt"))
+    for averaged, resumed in zip(model.get_weights(), again.get_weights()):
+        np.testing.assert_allclose(resumed, averaged, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_statistics_are_re_estimated_as_the_mean_over_batches():
+    norm = keras.layers.BatchNormalization()
+    model = keras.Sequential([keras.Input((3,)), norm])
+    batches = [np.random.default_rng(i).normal(i, 1 + i, (32, 3)).astype(np.float32)
+               for i in range(3)]
+    train.reestimate_batchnorm(model, batches)
+    np.testing.assert_allclose(norm.moving_mean.numpy(), np.mean([b.mean(0) for b in batches], 0),
+                               rtol=1e-5)
+    assert norm.momentum == 0.99  # given back
+
+
+def test_weight_averaging_schedule_decays_to_its_rate_then_holds():
+    schedule = train.make_schedule(TrainConfig(swa_start=0.5, swa_lr=0.25), 0.1, 10, 10, 0)
+    assert float(schedule(0)) == pytest.approx(0.1)
+    assert 0.025 < float(schedule(30)) < 0.1
+    assert [float(schedule(step)) for step in (50, 70, 99)] == pytest.approx([0.025] * 3)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.swa_start=1.0", "train.swa_start: must be in (0, 1)"),
+    ("train.swa_lr=0", "train.swa_lr: must be in (0, 1]"),
+    ("train.swa_start=0.5 prune=tfmot", "train.swa_start: cannot average the weights of a tfmot"),
+])
+def test_bad_weight_averaging_settings_are_refused_by_name(make_cfg, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        settings_from(make_cfg(*override.split()))
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "truncated_state", "partial"])
 def test_bad_checkpoint_is_discarded_with_a_warning(tmp_path, capsys, damage):
     cfg = TrainConfig(batch_size=16, verbose=0)
@@ -196,11 +257,12 @@ def test_settings_added_later_leave_earlier_keys_as_they_were():
     # Baselines cached, studies started and results recorded before train.lr_decay and
     # train.augment.rotation existed must still match while those are at their neutral value.
     recipe = baseline._recipe(TrainConfig())
-    assert "lr_decay" not in recipe and not {"rotation", "mixup"} & set(recipe["augment"])
+    assert not {"lr_decay", "swa_start", "swa_lr"} & set(recipe)
+    assert not {"rotation", "mixup"} & set(recipe["augment"])
     assert baseline._recipe(TrainConfig(augment=AugmentConfig(rotation=15, mixup=0.2)))[
         "augment"] == {**recipe["augment"], "rotation": 15, "mixup": 0.2}
     flat = {"train.lr_decay": 0.99, "train.augment.rotation": 0.0, "train.augment.mixup": 0.0,
-            "train.lr": 0.1}
+            "train.swa_start": None, "train.swa_lr": 0.5, "train.lr": 0.1}
     assert without_added_defaults(flat) == {"train.lr": 0.1}
     assert without_added_defaults({**flat, "train.lr_decay": 0.9})["train.lr_decay"] == 0.9
     # prune.widths likewise: fine-tunings checkpointed before it resume under the same key.
