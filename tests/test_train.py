@@ -180,6 +180,21 @@ def test_weight_average_is_the_mean_of_the_averaged_epochs_and_survives_a_resume
         np.testing.assert_allclose(resumed, averaged, rtol=1e-5, atol=1e-6)
 
 
+def test_weight_average_keeps_magnitude_pruned_weights_at_zero():
+    from src.prune.magnitude import HoldMasks
+    cfg = TrainConfig(batch_size=16, verbose=0, augment=AugmentConfig(0, False), swa_start=0.3)
+    x, y = np.random.default_rng(1).integers(0, 255, (64, 8, 8, 3)).astype(np.uint8), \
+        np.arange(64) % 2
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(2)])
+    kernel = model.layers[-1].kernel
+    mask = (np.arange(kernel.shape[0] * 2).reshape(kernel.shape) % 3 > 0).astype(np.float32)
+    kernel.assign(kernel * mask)
+    train.fit(model, x, y, x[:0], y[:0], 2, cfg, epochs=3, lr=0.05, warmup_epochs=0,
+              callbacks=[HoldMasks([kernel], [mask])])
+    assert np.all(kernel.numpy()[mask == 0] == 0) and np.all(kernel.numpy()[mask == 1] != 0)
+
+
 def test_batchnorm_statistics_are_re_estimated_as_the_mean_over_batches():
     norm = keras.layers.BatchNormalization()
     model = keras.Sequential([keras.Input((3,)), norm])
