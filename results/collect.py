@@ -61,7 +61,7 @@ DEVICE_EXPERIMENT, DEVICE_FOLDER = "device", "device"
 
 def row_name(config: dict) -> str:
     """Returns a short file-safe name: model, width, pruning, rate (or the channels kept per
-    group, 'w8-8-16-16-64-48'), fine-tuning, quantization."""
+    group, 'w8-8-16-16-64-48'), fine-tuning, weight averaging ('swa'), quantization."""
     model, prune = config["model"], config["prune"]
     parts = [model["name"]]
     if float(model.get("alpha", 1.0)) != 1.0:
@@ -75,6 +75,8 @@ def row_name(config: dict) -> str:
         parts.append(f"{float(rate):.2f}")
     if prune.get("finetune_epochs"):
         parts.append(f"ft{prune['finetune_epochs']}")
+    if config.get("train", {}).get("swa_start") is not None:  # weights averaged
+        parts.append("swa")
     parts.append(config["quant"]["mode"])
     return "-".join(parts)
 

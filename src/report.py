@@ -48,7 +48,7 @@ def short_model_name(name: str, path: str | None = None, alpha: float = 1.0) -> 
 def method_label(settings: Settings) -> str:
     """Returns the pruning method and its rate, e.g. 'flat 0.70', 'tfmot 0.90', 'dense', or
     the channel widths kept ('channel 8-8-16-16-64-48'), then the fine-tuning epochs and
-    whether they distilled ('ft20 kd')."""
+    whether they distilled and averaged weights ('ft20 kd swa')."""
     prune = settings.prune
     if prune.method == "none":
         return "dense"
@@ -62,7 +62,9 @@ def method_label(settings: Settings) -> str:
     if not prune.finetune_epochs:
         return label
     distilled = getattr(settings, "distill", None) and settings.distill.alpha > 0
-    return f"{label} ft{prune.finetune_epochs}" + (" kd" if distilled else "")
+    averaged = getattr(settings.train, "swa_start", None) is not None
+    return f"{label} ft{prune.finetune_epochs}" + (" kd" if distilled else "") + \
+        (" swa" if averaged else "")
 
 
 def quant_label(settings: Settings) -> str:

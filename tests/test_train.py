@@ -213,6 +213,19 @@ def test_weight_averaging_schedule_decays_to_its_rate_then_holds():
     assert [float(schedule(step)) for step in (50, 70, 99)] == pytest.approx([0.025] * 3)
 
 
+def test_runs_and_result_rows_with_averaged_weights_say_so():
+    from results.collect import row_name
+    from src.report import method_label
+    settings = settings_from(compose_config(["prune=flat", "prune.finetune_epochs=2",
+                                             "train.swa_start=0.5"]))
+    assert method_label(settings) == "flat 0.50 ft2 swa"
+    config = {"model": {"name": "resnet8"}, "quant": {"mode": "int8"},
+              "prune": {"method": "flat", "rate": 0.7, "finetune_epochs": 2}}
+    assert row_name({**config, "train": {"swa_start": 0.5}}) == "resnet8-flat-0.70-ft2-swa-int8"
+    assert row_name({**config, "train": {"swa_start": None}}) == row_name(config) == \
+        "resnet8-flat-0.70-ft2-int8"
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.swa_start=1.0", "train.swa_start: must be in (0, 1)"),
     ("train.swa_lr=0", "train.swa_lr: must be in (0, 1]"),
