@@ -157,3 +157,23 @@ def test_the_processor_names_its_int8_extensions_on_x86_and_arm(monkeypatch, cpu
     monkeypatch.setattr(speed, "Path", CpuInfo)
     monkeypatch.setattr(speed.platform, "machine", lambda: "aarch64")
     assert speed.processor() == expected
+
+
+def test_the_calibration_benchmark_scores_every_calibration_set_of_every_file(tmp_path, capsys):
+    from benchmarks import calibration
+    from src.keras_env import keras
+    from tests.test_data import write_official_cifar
+    archive = write_official_cifar(tmp_path / "cifar-10-python.tar.gz")
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255),
+                              keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization(),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)])
+    model.save(tmp_path / "tiny.h5")
+    assert calibration.calibration_sets([4, 8], [0, 1]) == [(4, 0), (8, 0), (4, 1)]
+    model.save(tmp_path / "again.h5")
+    calibration.main([str(tmp_path / "tiny.h5"), str(tmp_path / "again.h5"), "--data",
+                      str(archive), "--samples", "4", "8", "--seeds", "0", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "| file | Keras | 4/seed 0 | 8/seed 0 | 4/seed 1 |" in lines[1]
+    row = [cell.strip() for cell in lines[3].split("|")[1:-1]]
+    assert row[0] == "tiny.h5" and len(row) == 7 and all(c.endswith("%") for c in row[1:])
+    assert lines[5].startswith("| mean of 2 files | ")
