@@ -40,7 +40,8 @@ NOT_RESULT = ("paths", "tracking", "train.verbose", "train.checkpoint_every", "o
 # and results rows while at that value, so what was recorded before still matches.
 ADDED_LATER = {"train.augment.rotation": 0.0, "train.lr_decay": 0.99,
                "measure.latency_kernels": "xnnpack", "prune.widths": None,
-               "train.augment.mixup": 0.0, "train.swa_start": None, "train.swa_lr": 0.5}
+               "train.augment.mixup": 0.0, "train.swa_start": None, "train.swa_lr": 0.5,
+               "quant.strip_names": False}
 
 
 def without_added_defaults(settings: dict, prefix: str = "") -> dict:
@@ -406,6 +407,9 @@ class QuantConfig:
     representative_samples: int = 256  # int8: calibration images, a seeded random subset
     integer_io: bool = False  # int8: int8 input and output tensors too
     sparse_encoding: bool = False  # store sparse weights compressed in the .tflite
+    # drop the tensor and subgraph names from the .tflite (signatures kept): strings no device
+    # reads, 6% of a 60 KB int8 ResNet-8; the outputs are unchanged
+    strip_names: bool = False
 
     def __post_init__(self) -> None:
         _check(self.mode in ("none", "dynamic", "int8", "float16"), "quant.mode",

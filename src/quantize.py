@@ -13,7 +13,8 @@ from src.keras_env import keras, tf
 
 def to_tflite(model: keras.Model, cfg: QuantConfig, calibration: np.ndarray) -> bytes:
     """Returns the model converted to a TFLite flatbuffer, quantized per cfg.mode (and with
-    sparse weights stored compressed when cfg.sparse_encoding)."""
+    sparse weights stored compressed when cfg.sparse_encoding, without names when
+    cfg.strip_names)."""
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     optimizations = [tf.lite.Optimize.DEFAULT] if cfg.mode != "none" else []
     if cfg.sparse_encoding:
@@ -39,7 +40,24 @@ def to_tflite(model: keras.Model, cfg: QuantConfig, calibration: np.ndarray) -> 
         if cfg.integer_io:
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
-    return converter.convert()
+    flatbuffer = converter.convert()
+    return strip_names(flatbuffer) if cfg.strip_names else flatbuffer
+
+
+def strip_names(flatbuffer: bytes) -> bytes:
+    """Returns the TFLite model without its description, subgraph and tensor names: strings
+    that inference never reads. Signatures stay (they map their own input and output names to
+    tensor indices), so LiteRT's signature runner works on the result."""
+    # Imported here, not at the top: TensorFlow must come in through src.keras_env first.
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+    model.description = None
+    for subgraph in model.subgraphs:
+        subgraph.name = None
+        for tensor in subgraph.tensors:
+            tensor.name = None
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def evaluate_tflite(flatbuffer: bytes, x: np.ndarray, y: np.ndarray, batch_size: int = 256,

@@ -68,9 +68,11 @@ def method_label(settings: Settings) -> str:
 
 
 def quant_label(settings: Settings) -> str:
-    """Returns the export's number format ('float32' without quantization), '+sparse' if encoded."""
+    """Returns the export's number format ('float32' without quantization), '+sparse' if
+    encoded, '+stripped' without names."""
     mode = "float32" if settings.quant.mode == "none" else settings.quant.mode
-    return mode + "+sparse" if getattr(settings.quant, "sparse_encoding", False) else mode
+    mode += "+sparse" if getattr(settings.quant, "sparse_encoding", False) else ""
+    return mode + ("+stripped" if getattr(settings.quant, "strip_names", False) else "")
 
 
 def run_name(settings: Settings) -> str:

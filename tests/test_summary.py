@@ -25,6 +25,7 @@ from tests.conftest import assert_png
     (["prune=none", "model.alpha=0.5"], "resnet8x0.5 dense float32"),
     (["prune=flat", "prune.rate=0.9", "quant.sparse_encoding=true"],
      "resnet8 flat 0.90 float32+sparse"),
+    (["prune=none", "quant=int8", "quant.strip_names=true"], "resnet8 dense int8+stripped"),
 ])
 def test_run_names_say_model_method_rate_and_quantization(make_cfg, overrides, name):
     assert report.run_name(settings_from(make_cfg(*overrides))) == name
