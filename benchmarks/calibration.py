@@ -6,7 +6,8 @@ post-training-quantization result is the draw of calibration images.
 
 Each file is exported to int8 TFLite as a run exports it (src.quantize.to_tflite, calibrated on
 the training images) once per calibration set: `--samples` images drawn with subset seed 0 (the
-subset a run with quant.representative_samples uses), and the first size again with every other
+subset a run with quant.representative_samples and data.val_fraction=0.0 uses: a validation
+split would leave fewer training images to draw from), and the first size again with every other
 `--seeds` seed. Every export is scored on the whole test split with LiteRT. Prints, per file,
 the Keras accuracy, each export's int8 accuracy, and the spread of the int8 accuracies; then
 the mean of every column over the files.

@@ -14,24 +14,15 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
 
 from benchmarks.common import machine
+from src import speed
 from src.quantize import strip_names
 
 
-def outputs(flatbuffer: bytes, seed: int = 0) -> np.ndarray:
-    """Returns the model's output for one random input in its input tensor's dtype."""
-    interpreter = Interpreter(model_content=flatbuffer)
-    interpreter.allocate_tensors()
-    detail = interpreter.get_input_details()[0]
-    rng = np.random.default_rng(seed)
-    if np.issubdtype(detail["dtype"], np.integer):
-        info = np.iinfo(detail["dtype"])
-        data = rng.integers(info.min, info.max, detail["shape"], endpoint=True)
-    else:
-        data = rng.uniform(0, 255, detail["shape"])
-    interpreter.set_tensor(detail["index"], data.astype(detail["dtype"]))
+def outputs(flatbuffer: bytes) -> np.ndarray:
+    """Returns the model's output for the random batch-1 input the latency measurement uses."""
+    interpreter = speed._interpreter(flatbuffer, 1, speed.KERNELS[0])
     interpreter.invoke()
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 

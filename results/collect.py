@@ -75,8 +75,8 @@ def row_name(config: dict) -> str:
         parts.append(f"{float(rate):.2f}")
     if prune.get("finetune_epochs"):
         parts.append(f"ft{prune['finetune_epochs']}")
-    if config.get("train", {}).get("swa_start") is not None:  # weights averaged
-        parts.append("swa")
+        if config.get("train", {}).get("swa_start") is not None:  # as report.method_label
+            parts.append("swa")
     parts.append(config["quant"]["mode"])
     return "-".join(parts)
 

@@ -24,7 +24,8 @@ PREFIX = "ckpt"
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves model, optimizer, epoch counter and history every `every` epochs into folder."""
+    """Saves model, optimizer, epoch counter and history every `every` epochs into folder, and
+    any state added with `track` (a weight average)."""
 
     def __init__(self, folder: str | Path, every: int = 1):
         super().__init__()
@@ -87,7 +88,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _trackable(model: keras.Model, tracked: dict) -> tf.train.Checkpoint:
+def _trackable(model: keras.Model, tracked: dict[str, tf.train.Checkpoint]) -> tf.train.Checkpoint:
     return tf.train.Checkpoint(model=model, optimizer=model.optimizer, **tracked)
 
 

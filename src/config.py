@@ -305,6 +305,9 @@ class TrainConfig:
                f"must be in (0, 1), a fraction of the epochs, or null (off), got {self.swa_start}")
         _check(0 < self.swa_lr <= 1, "train.swa_lr",
                f"must be in (0, 1], a fraction of the peak rate, got {self.swa_lr}")
+        _check(self.swa_lr == 0.5 or (self.swa_start is not None and self.schedule == "cosine"),
+               "train.swa_lr", "sets the cosine schedule's rate while weights are averaged: "
+               "it needs train.swa_start and train.schedule=cosine")
 
 
 # ---------------------------------------------------------------------------- prune
@@ -519,7 +522,7 @@ class Settings:
                f"unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
         _check(self.train.swa_start is None or self.prune.method != "tfmot", "train.swa_start",
                "cannot average the weights of a tfmot schedule, whose masks change while it "
-               "trains; use prune=flat or prune=layer")
+               "trains; use prune=flat, layer or channel")
 
 
 # The schema behind each config group; settings_from checks every group against it.

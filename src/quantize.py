@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
+from tensorflow.lite.tools import flatbuffer_utils
 
 from src.config import QuantConfig
 from src.keras_env import keras, tf
@@ -48,9 +49,6 @@ def strip_names(flatbuffer: bytes) -> bytes:
     """Returns the TFLite model without its description, subgraph and tensor names: strings
     that inference never reads. Signatures stay (they map their own input and output names to
     tensor indices), so LiteRT's signature runner works on the result."""
-    # Imported here, not at the top: TensorFlow must come in through src.keras_env first.
-    from tensorflow.lite.tools import flatbuffer_utils
-
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
     model.description = None
     for subgraph in model.subgraphs:

@@ -193,7 +193,8 @@ def ends_in_softmax(model: keras.Model) -> bool:
 
 def swa_first_epoch(cfg: TrainConfig, epochs: int) -> int:
     """Returns the epochs trained before weight averaging begins (at least one is averaged)."""
-    return min(int(cfg.swa_start * epochs), epochs - 1)
+    # The epsilon keeps 0.29 x 100 at 29 epochs (float products round down below it).
+    return min(math.floor(cfg.swa_start * epochs + 1e-9), epochs - 1)
 
 
 class WeightAverage(keras.callbacks.Callback):
@@ -204,13 +205,19 @@ class WeightAverage(keras.callbacks.Callback):
     resumed training averages the same epochs as one that never stopped.
     """
 
-    def __init__(self, model: keras.Model, first_epoch: int):
+    def __init__(self, model: keras.Model, first_epoch: int) -> None:
         super().__init__()
         self.student, self.first_epoch = model, first_epoch
         self.count = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.means = [tf.Variable(tf.zeros_like(w), trainable=False)
                       for w in model.trainable_weights]
         self.state = tf.train.Checkpoint(count=self.count, means=self.means)
+
+    def reset(self) -> None:
+        """Empties the average (a training that starts from its first epoch)."""
+        self.count.assign(0)
+        for mean in self.means:
+            mean.assign(tf.zeros_like(mean))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if epoch + 1 <= self.first_epoch:
@@ -222,7 +229,10 @@ class WeightAverage(keras.callbacks.Callback):
     def apply(self, x_train: np.ndarray, y_train: np.ndarray, num_classes: int,
               cfg: TrainConfig) -> None:
         """Sets the model's weights to the average and re-estimates its BatchNorm statistics
-        on the training images (unaugmented): the averaged weights need their own."""
+        on the training images (unaugmented): the averaged weights need their own. Nothing
+        changes when no epoch was averaged (training stopped before the first)."""
+        if not int(self.count):
+            return
         for mean, weight in zip(self.means, self.student.trainable_weights):
             weight.assign(mean)
         batches = input_pipeline(x_train, y_train, num_classes, cfg, training=False)
@@ -233,9 +243,10 @@ class WeightAverage(keras.callbacks.Callback):
 
 
 def reestimate_batchnorm(model: keras.Model, batches: tf.data.Dataset) -> None:
-    """Replaces every BatchNorm layer's moving statistics by their mean over the batches."""
+    """Replaces every trainable BatchNorm layer's moving statistics by their mean over the
+    batches (a frozen one runs in inference mode whatever `training` says: it keeps its own)."""
     norms = [layer for layer in model.submodules
-             if isinstance(layer, keras.layers.BatchNormalization)]
+             if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
     if not norms:
         return
     kept = [layer.momentum for layer in norms]
@@ -281,15 +292,17 @@ def fit(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, x_val: np.
     if checkpoint and average:
         checkpoint.track(weight_average=average.state)
     initial_epoch = checkpoint.restore(trained) if checkpoint else 0
+    if average and not initial_epoch:  # a discarded entry may have filled part of it
+        average.reset()
     if initial_epoch:
         print(f"resuming training after epoch {initial_epoch} of {epochs} from the checkpoint "
               f"in {checkpoint.folder}", file=sys.stderr, flush=True)
     train_data = input_pipeline(x_train, y_train, num_classes, cfg, training=True)
     val_data = input_pipeline(x_val, y_val, num_classes, cfg, training=False) \
         if len(x_val) else None
-    # The checkpoint first: an epoch that others (live MLflow curves) have seen is saved, so a
-    # resume does not train it again.
-    # The average before the checkpoint, which then saves it with the epoch it includes.
+    # The average, then the checkpoint (saving the average with the epoch it includes), before
+    # the others: an epoch that others (live MLflow curves) have seen is saved, so a resume does
+    # not train it again.
     extra = [callback for callback in (average, checkpoint) if callback]
     history = trained.fit(train_data, validation_data=val_data, epochs=epochs,
                           initial_epoch=initial_epoch,

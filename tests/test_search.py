@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 
 import mlflow
@@ -253,6 +254,15 @@ def test_a_search_over_what_fixed_widths_replace_is_refused_listing_what_to_drop
     cfg, _ = search_cfg(tmp_path, "search=accuracy_per_mb", *widths, "~search.space",
                         "+search.space={lr: {path: prune.finetune_lr, low: 0.001, high: 0.1}}")
     refuse_widths_dims(search_settings_from(cfg).space)  # the fine-tuning may vary
+
+
+def test_a_search_that_averages_weights_refuses_tfmot_trials_before_any_trial(tmp_path):
+    cfg, composer = search_cfg(tmp_path, "search=accuracy_per_mb", "train.swa_start=0.5")
+    with pytest.raises(ConfigError, match=re.escape(
+            "search.space.method: train.swa_start cannot average a tfmot trial's weights; leave "
+            "tfmot out: 'search.space.method.choices=[flat,layer,channel]'")):
+        run_search(cfg, composer)
+    assert runs_of(cfg) == []
 
 
 def test_a_three_objective_study_on_what_the_device_sees(tmp_path):

@@ -196,14 +196,50 @@ def test_weight_average_keeps_magnitude_pruned_weights_at_zero():
 
 
 def test_batchnorm_statistics_are_re_estimated_as_the_mean_over_batches():
-    norm = keras.layers.BatchNormalization()
-    model = keras.Sequential([keras.Input((3,)), norm])
+    norm, frozen = keras.layers.BatchNormalization(), keras.layers.BatchNormalization()
+    inner = keras.Sequential([keras.Input((3,)), frozen])  # nested, and frozen
+    frozen.trainable = False
+    frozen.moving_mean.assign([1.0, 2.0, 3.0])
+    model = keras.Sequential([keras.Input((3,)), norm, inner])
     batches = [np.random.default_rng(i).normal(i, 1 + i, (32, 3)).astype(np.float32)
                for i in range(3)]
     train.reestimate_batchnorm(model, batches)
     np.testing.assert_allclose(norm.moving_mean.numpy(), np.mean([b.mean(0) for b in batches], 0),
                                rtol=1e-5)
     assert norm.momentum == 0.99  # given back
+    np.testing.assert_array_equal(frozen.moving_mean.numpy(), [1.0, 2.0, 3.0])  # left alone
+
+
+class StopAfter(keras.callbacks.Callback):
+    """Stops the process's training after an epoch, as a kill after its checkpoint would."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_a_training_stopped_while_averaging_resumes_with_the_epochs_averaged_so_far(tmp_path):
+    cfg = TrainConfig(batch_size=16, verbose=0, augment=AugmentConfig(0, False), swa_start=0.4)
+    x, y = np.random.default_rng(2).integers(0, 255, (64, 8, 8, 3)).astype(np.uint8), \
+        np.arange(64) % 2
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(2)])
+    first, second = EpochEndWeights(), EpochEndWeights()
+    with pytest.raises(KeyboardInterrupt):  # epochs 3 and 4 averaged, then stopped
+        train.fit(model, x, y, x[:0], y[:0], 2, cfg, epochs=5, lr=0.05, warmup_epochs=0,
+                  callbacks=[first, StopAfter(4)], checkpoint=EpochCheckpoint(tmp_path / "c"))
+    resumed = keras.models.clone_model(model)
+    train.fit(resumed, x, y, x[:0], y[:0], 2, cfg, epochs=5, lr=0.05, warmup_epochs=0,
+              callbacks=[second], checkpoint=EpochCheckpoint(tmp_path / "c"))
+    assert len(first.seen) == 4 and len(second.seen) == 1  # only epoch 5 trained again
+    for index, weight in enumerate(resumed.trainable_weights):
+        expected = np.mean([first.seen[2][index], first.seen[3][index], second.seen[0][index]],
+                           axis=0)
+        np.testing.assert_allclose(weight.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_weight_averaging_schedule_decays_to_its_rate_then_holds():
@@ -224,12 +260,20 @@ def test_runs_and_result_rows_with_averaged_weights_say_so():
     assert row_name({**config, "train": {"swa_start": 0.5}}) == "resnet8-flat-0.70-ft2-swa-int8"
     assert row_name({**config, "train": {"swa_start": None}}) == row_name(config) == \
         "resnet8-flat-0.70-ft2-int8"
+    # Without fine-tuning the run averaged nothing itself (its baseline may have): no label.
+    unpruned = {**config, "prune": {"method": "none"}, "train": {"swa_start": 0.5}}
+    assert row_name(unpruned) == "resnet8-none-int8"
+    assert method_label(settings_from(compose_config(["prune=none", "train.swa_start=0.5"]))) \
+        == "dense"
 
 
 @pytest.mark.parametrize("override, message", [
     ("train.swa_start=1.0", "train.swa_start: must be in (0, 1)"),
     ("train.swa_lr=0", "train.swa_lr: must be in (0, 1]"),
     ("train.swa_start=0.5 prune=tfmot", "train.swa_start: cannot average the weights of a tfmot"),
+    ("train.swa_lr=0.3", "train.swa_lr: sets the cosine schedule's rate while weights are "
+                         "averaged: it needs train.swa_start"),
+    ("train.swa_start=0.5 train.swa_lr=0.3 train.schedule=constant", "train.swa_lr: sets"),
 ])
 def test_bad_weight_averaging_settings_are_refused_by_name(make_cfg, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

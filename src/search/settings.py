@@ -187,6 +187,17 @@ def refuse_model_dims(space: dict[str, DimensionConfig]) -> None:
                               "but model=file loads a trained one; drop this dimension")
 
 
+def refuse_tfmot_dims(space: dict[str, DimensionConfig]) -> None:
+    """Raises ConfigError when train.swa_start is set and a dimension can pick prune=tfmot,
+    whose weights cannot be averaged: each such trial would fail."""
+    for name, dim in space.items():
+        if dim.path in ("prune", "prune.method") and "tfmot" in (dim.choices or []):
+            kept = ",".join(str(c) for c in dim.choices if c != "tfmot")
+            raise ConfigError(f"search.space.{name}: train.swa_start cannot average a tfmot "
+                              f"trial's weights; leave tfmot out: "
+                              f"'search.space.{name}.choices=[{kept}]'")
+
+
 def refuse_widths_dims(space: dict[str, DimensionConfig]) -> None:
     """Raises ConfigError listing the dimensions to drop when prune.widths is set: the method
     (a non-channel one refuses widths), the settings widths replaces or refuses, and the
