@@ -305,7 +305,8 @@ class TrainConfig:
                f"must be in (0, 1), a fraction of the epochs, or null (off), got {self.swa_start}")
         _check(0 < self.swa_lr <= 1, "train.swa_lr",
                f"must be in (0, 1], a fraction of the peak rate, got {self.swa_lr}")
-        _check(self.swa_lr == 0.5 or (self.swa_start is not None and self.schedule == "cosine"),
+        _check(self.swa_lr == ADDED_LATER["train.swa_lr"]
+               or (self.swa_start is not None and self.schedule == "cosine"),
                "train.swa_lr", "sets the cosine schedule's rate while weights are averaged: "
                "it needs train.swa_start and train.schedule=cosine")
 
