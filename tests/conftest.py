@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -215,20 +216,47 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str) -> T:
         time.sleep(0.2)
 
 
+# Loaded by the first run of kill_after_epoch_2_and_rerun (a sitecustomize on its PYTHONPATH):
+# after saving epoch 2 under the watched folder it waits to be killed. Tiny epochs follow each
+# other within one poll of the folder, so without the wait epoch 2's entry could be replaced by
+# epoch 3's, or the run end, before the test saw it.
+PAUSE_AFTER_EPOCH_2 = """
+import os, time
+from pathlib import Path
+import src.checkpoint
+
+_save = src.checkpoint.EpochCheckpoint.save
+
+def save(self, epoch):
+    entry = _save(self, epoch)
+    if epoch == 2 and self.folder.parent.resolve() == Path(os.environ["PAUSE_UNDER"]).resolve():
+        time.sleep(600)
+    return entry
+
+src.checkpoint.EpochCheckpoint.save = save
+"""
+
+
 def kill_after_epoch_2_and_rerun(overrides: list[str], checkpoints: Path) -> str:
     """Returns the output of `src.run` run again after a first run of the same overrides was
     SIGKILLed as soon as its epoch-2 checkpoint appeared under checkpoints (``*.ckpt/``)."""
     command = [sys.executable, "-m", "src.run", *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: first.poll() is not None
-                   or list(checkpoints.glob("*.ckpt/epoch-0002")), 300, "an epoch-2 checkpoint")
-        assert first.poll() is None, "the first run ended before it could be killed"
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
+    with tempfile.TemporaryDirectory(prefix="pause-hook-") as hook:
+        (Path(hook) / "sitecustomize.py").write_text(PAUSE_AFTER_EPOCH_2)
+        paths = [hook, str(PROJECT_ROOT), env.get("PYTHONPATH", "")]
+        paused = {**env, "PAUSE_UNDER": str(checkpoints),
+                  "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        first = subprocess.Popen(command, cwd=PROJECT_ROOT, env=paused,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: first.poll() is not None
+                       or list(checkpoints.glob("*.ckpt/epoch-0002")), 300,
+                       "an epoch-2 checkpoint")
+            assert first.poll() is None, "the first run ended before it could be killed"
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
     assert [p.name for p in checkpoints.glob("*.ckpt/epoch-*")] == ["epoch-0002"]
     second = subprocess.run(command, cwd=PROJECT_ROOT, env=env, text=True, timeout=300,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
