@@ -61,7 +61,8 @@ DEVICE_EXPERIMENT, DEVICE_FOLDER = "device", "device"
 
 def row_name(config: dict) -> str:
     """Returns a short file-safe name: model, width, pruning, rate (or the channels kept per
-    group, 'w8-8-16-16-64-48'), fine-tuning, weight averaging ('swa'), quantization."""
+    group, 'w8-8-16-16-64-48'), fine-tuning, weight averaging ('swa'), quantization-aware
+    training ('qat10'), quantization."""
     model, prune = config["model"], config["prune"]
     parts = [model["name"]]
     if float(model.get("alpha", 1.0)) != 1.0:
@@ -77,6 +78,8 @@ def row_name(config: dict) -> str:
         parts.append(f"ft{prune['finetune_epochs']}")
         if config.get("train", {}).get("swa_start") is not None:  # as report.method_label
             parts.append("swa")
+    if config["quant"].get("qat_epochs"):  # as report.quant_label
+        parts.append(f"qat{config['quant']['qat_epochs']}")
     parts.append(config["quant"]["mode"])
     return "-".join(parts)
 

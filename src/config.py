@@ -41,7 +41,7 @@ NOT_RESULT = ("paths", "tracking", "train.verbose", "train.checkpoint_every", "o
 ADDED_LATER = {"train.augment.rotation": 0.0, "train.lr_decay": 0.99,
                "measure.latency_kernels": "xnnpack", "prune.widths": None,
                "train.augment.mixup": 0.0, "train.swa_start": None, "train.swa_lr": 0.5,
-               "quant.strip_names": False}
+               "quant.strip_names": False, "quant.qat_epochs": 0, "quant.qat_lr": 0.002}
 
 
 def without_added_defaults(settings: dict, prefix: str = "") -> dict:
@@ -414,11 +414,19 @@ class QuantConfig:
     # drop the tensor and subgraph names from the .tflite (signatures kept): strings no device
     # reads, 6% of a 60 KB int8 ResNet-8; the outputs are unchanged
     strip_names: bool = False
+    # int8: epochs of quantization-aware training before the export (src/qat.py), 0 off, with
+    # a cosine decay from qat_lr
+    qat_epochs: int = 0
+    qat_lr: float = 0.002
 
     def __post_init__(self) -> None:
         _check(self.mode in ("none", "dynamic", "int8", "float16"), "quant.mode",
                f"unknown mode {self.mode!r}")
         _check(self.representative_samples >= 1, "quant.representative_samples", "must be >= 1")
+        _check(self.qat_epochs >= 0, "quant.qat_epochs", f"must be >= 0, got {self.qat_epochs}")
+        _check(self.qat_epochs == 0 or self.mode == "int8", "quant.qat_epochs",
+               f"trains for an int8 export; use quant=int8 (quant.mode is {self.mode!r})")
+        _check(self.qat_lr > 0, "quant.qat_lr", f"must be > 0, got {self.qat_lr}")
 
 
 # -------------------------------------------------------------------------- measure

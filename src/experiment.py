@@ -21,6 +21,7 @@ from src import (
     distill,
     measure,
     model_file,
+    qat,
     quantize,
     report,
     speed,
@@ -53,11 +54,15 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     keras.utils.set_random_seed(settings.train.seed)
     # model=file: the loaded model is the baseline (own), and the data fit its input.
     own, dataset, key = model_file.dense_source(settings)
-    if settings.prune.widths is not None:  # refused now, not after the baseline's training
-        check_widths(own.model if own else build(settings.model, dataset.num_classes),
-                     settings.prune.widths)
+    if settings.prune.widths is not None or settings.quant.qat_epochs:
+        # Refused now, not after the baseline's training or the fine-tuning.
+        dense = own.model if own else build(settings.model, dataset.num_classes)
+        if settings.prune.widths is not None:
+            check_widths(dense, settings.prune.widths)
+        if settings.quant.qat_epochs:
+            qat.quantize_aware(dense)
         # Building a model to check them drew from the seeded RNG: reseed, so a baseline
-        # trained next starts from the weights it would without widths.
+        # trained next starts from the weights it would without these settings.
         keras.utils.set_random_seed(settings.train.seed)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("search", None)  # the search that chose these settings is logged by its worker
@@ -109,11 +114,13 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         teacher = distill.teacher_for(settings.distill, base.model, base.test_accuracy,
                                       settings.paths.cache_dir, dataset.x_test, dataset.y_test,
                                       settings.model.trust_code, settings.model.custom_objects,
-                                      ) if settings.prune.finetune_epochs else None
+                                      ) if settings.prune.finetune_epochs or \
+            settings.quant.qat_epochs else None
         finetune_curves = tracking.EpochCurves("finetune")
         live = keras.callbacks.LambdaCallback(on_epoch_end=finetune_curves.epoch_ended)
         # None when fine-tuning is off, or another process fine-tunes the same settings now
-        with finetune_checkpoint(settings, key) as checkpoint:
+        with finetune_checkpoint(settings, key) as checkpoint, \
+                qat_checkpoint(settings, key) as qat_checkpointed:
             with clock("train"):  # masks or tfmot wrappers, and fine-tuning when configured
                 try:
                     result = prune(base.model, settings.prune, dataset, settings.train,
@@ -130,8 +137,20 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             tracking.log_params({f"prune_steps.{k}": v for k, v in result.schedule_steps.items()})
             if result.tags:  # e.g. the widths a channel cut kept
                 tracking.set_tags(result.tags)
+            aware = None  # the fake-quantized model, trained quantization-aware
+            if settings.quant.qat_epochs:
+                qat_curves = tracking.EpochCurves("qat")
+                live_qat = keras.callbacks.LambdaCallback(on_epoch_end=qat_curves.epoch_ended)
+                with clock("train"):
+                    aware, qat_history = qat.fine_tune(result.model, settings, dataset,
+                                                       [live_qat], teacher, qat_checkpointed)
+                if qat_checkpointed and qat_checkpointed.resumed_from_epoch:
+                    tracking.set_tags({"qat_resumed_from_epoch":
+                                       qat_checkpointed.resumed_from_epoch})
+                qat_curves.finish(qat_history)
             out_dir = Path(settings.paths.output_dir) / "exports" / active.info.run_id
-            metrics, files = export_and_measure(result.model, settings, dataset, out_dir, clock)
+            metrics, files = export_and_measure(result.model, settings, dataset, out_dir, clock,
+                                                aware)
             (out_dir / "config.yaml").write_text(config_yaml)
             for file_name, text in result.artifacts.items():  # e.g. the channel table
                 (out_dir / file_name).write_text(text)
@@ -145,8 +164,10 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             metrics.update(report.size_metrics(metrics))
             tracking.log_metrics(metrics)
             tracking.log_artifacts([*files, out_dir / "config.yaml"])
-            if checkpoint:  # only now: an export stopped or failed resumes after the last epoch
-                checkpoint.remove()
+            # Only now: an export stopped or failed resumes after the last epoch.
+            for finished in (checkpoint, qat_checkpointed):
+                if finished:
+                    finished.remove()
             widths = result.tags.get("channel_widths")
             tracking.set_tags({"mlflow.note.content": report.headline(settings, metrics,
                                                                       widths=widths)})
@@ -206,18 +227,47 @@ def finetune_checkpoint(settings: Settings, base_key: str) -> Iterator[EpochChec
         yield None
         return
     key = baseline.finetune_key(base_key, settings.prune, settings.train, settings.distill)
+    with _held_checkpoint(settings, key, "is fine-tuning", "fine-tunes") as checkpoint:
+        yield checkpoint
+
+
+@contextlib.contextmanager
+def qat_checkpoint(settings: Settings, base_key: str) -> Iterator[EpochCheckpoint | None]:
+    """Yields the resumable checkpoint of this run's quantization-aware training, or None
+    without one: keyed like finetune_checkpoint's and by the quant.qat settings."""
+    if not settings.quant.qat_epochs:
+        yield None
+        return
+    tuned = baseline.finetune_key(base_key, settings.prune, settings.train, settings.distill)
+    key = "qat-" + baseline.content_key({"finetune": tuned, "epochs": settings.quant.qat_epochs,
+                                         "lr": settings.quant.qat_lr})
+    with _held_checkpoint(settings, key, "trains quantization-aware",
+                          "trains quantization-aware") as checkpoint:
+        yield checkpoint
+
+
+@contextlib.contextmanager
+def _held_checkpoint(settings: Settings, key: str, doing: str,
+                     does: str) -> Iterator[EpochCheckpoint | None]:
+    """Yields the checkpoint folder's EpochCheckpoint while this process holds its lock, or
+    None (saying so) while another process trains with it."""
     folder = baseline.finetune_checkpoint_dir(settings.paths.cache_dir, key)
     with file_lock(folder.with_suffix(".lock"), wait=False) as held:
         if not held:
-            print("note: another process is fine-tuning these settings now; this run "
-                  "fine-tunes without a resumable checkpoint", flush=True)
+            print(f"note: another process {doing} these settings now; this run {does} "
+                  "without a resumable checkpoint", flush=True)
         yield EpochCheckpoint(folder, settings.train.checkpoint_every) if held else None
 
 
 def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dataset,
                        out_dir: Path, clock: measure.Stopwatch,
+                       aware: keras.Model | None = None,
                        ) -> tuple[dict[str, float], list[Path]]:
-    """Returns the accuracy, sparsity and size metrics, and the files to upload."""
+    """Returns the accuracy, sparsity and size metrics, and the files to upload.
+
+    With aware (model trained quantization-aware, src/qat.py) the .tflite is converted from it,
+    with its trained ranges; the Keras file and test_accuracy are the plain model's.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     keras_file, tflite_file = out_dir / "model.h5", out_dir / "model.tflite"
     table = out_dir / "sparsity_per_layer.csv"
@@ -229,7 +279,8 @@ def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dat
         rows = measure.layer_sparsity(model, pruned_types)
         table.write_text(measure.sparsity_table(rows))
         model.save(keras_file, include_optimizer=False)
-        flatbuffer = quantize.to_tflite(model, settings.quant, dataset.x_train)
+        flatbuffer = quantize.to_tflite(model if aware is None else aware, settings.quant,
+                                        dataset.x_train)
         tflite_file.write_bytes(flatbuffer)
         sizes = {
             "model_bytes": keras_file.stat().st_size,
@@ -258,6 +309,9 @@ def export_and_measure(model: keras.Model, settings: Settings, dataset: data.Dat
         "macs": speed.tflite_macs(flatbuffer),
         "params": speed.params(model),
     }
+    if aware is not None:
+        with clock("evaluate"):  # the fake-quantized model, as trained
+            metrics["qat_test_accuracy"] = evaluate(aware, dataset.x_test, dataset.y_test)
     # The Keras file too: a pruned model that can be fine-tuned further or pruned again
     # (model=file model.path=<it>), as the .tflite cannot.
     return metrics, [tflite_file, keras_file, table]

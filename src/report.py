@@ -69,10 +69,12 @@ def method_label(settings: Settings) -> str:
 
 def quant_label(settings: Settings) -> str:
     """Returns the export's number format ('float32' without quantization), '+sparse' if
-    encoded, '+stripped' without names."""
+    encoded, '+stripped' without names, then the quantization-aware epochs ('int8 qat10')."""
     mode = "float32" if settings.quant.mode == "none" else settings.quant.mode
     mode += "+sparse" if getattr(settings.quant, "sparse_encoding", False) else ""
-    return mode + ("+stripped" if getattr(settings.quant, "strip_names", False) else "")
+    mode += "+stripped" if getattr(settings.quant, "strip_names", False) else ""
+    epochs = getattr(settings.quant, "qat_epochs", 0)
+    return mode + (f" qat{epochs}" if epochs else "")
 
 
 def run_name(settings: Settings) -> str:

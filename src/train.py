@@ -188,6 +188,8 @@ def ends_in_softmax(model: keras.Model) -> bool:
     if isinstance(layer, keras.layers.Softmax):
         return True
     function = getattr(layer, "activation", None) or getattr(layer, "function", None)
+    # Quantization-aware training wraps the activation (src/qat.py): the function is inside.
+    function = getattr(function, "activation", function)
     return getattr(function, "__name__", "") == "softmax"  # also a tf.nn.softmax op layer
 
 
