@@ -1,11 +1,12 @@
 """Quantization-aware training (quant.qat_epochs): fine-tune with int8 fake quantization, so the
 weights learn the rounding the int8 export applies, then export from the trained ranges.
 
-tfmot's 8-bit scheme wraps every layer it knows (convolutions, BatchNormalization, activations,
-adds, pooling, dense); the others (a model's Rescaling of its input pixels) stay float and are
-quantized at export from the calibration images, like a post-training export. A model pruned by
-magnitude keeps its zeros: the prune-preserving scheme masks the weights that are zero when
-training starts.
+tfmot's 8-bit scheme wraps every layer it knows (convolutions, activations, adds, pooling,
+dense, and a BatchNormalization after a convolution, folded into it); the others (a model's
+Rescaling of its input pixels) stay float and are quantized at export from the calibration
+images, like a post-training export. A model pruned by magnitude keeps its zeros: they are held
+after every step, as magnitude pruning's fine-tuning holds them (tfmot's prune-preserving
+scheme refuses a model with layers it does not wrap).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from src.config import ADDED_LATER, ConfigError, Settings
 from src.data import Dataset
 from src.distill import Distillation
 from src.keras_env import keras
+from src.prune.magnitude import HoldMasks
 
 quantization = tfmot.quantization.keras
+CONVOLUTIONS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
 
 
 def sparse_weights(settings: Settings) -> bool:
@@ -35,17 +38,23 @@ def sparse_weights(settings: Settings) -> bool:
         (prune.method == "channel" and prune.magnitude_rate > 0)
 
 
-def quantize_aware(model: keras.Model, keep_zeros: bool = False) -> keras.Model:
+def quantize_aware(model: keras.Model) -> keras.Model:
     """Returns a copy of model with fake quantization around every layer tfmot's 8-bit scheme
-    supports (same weights); keep_zeros masks the weights that are zero now.
+    supports (same weights).
 
     Raises ConfigError naming the layer when tfmot cannot quantize the model (a nested model).
     """
     registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
+    # tfmot folds a BatchNormalization into the convolution before it (as the converter does);
+    # one after anything else it cannot quantize.
+    folded = {layer.name for layer in model.layers
+              if isinstance(layer, keras.layers.BatchNormalization) and isinstance(
+                  layer.inbound_nodes[0].inbound_layers, CONVOLUTIONS)}
 
     def annotate(layer: keras.layers.Layer) -> keras.layers.Layer:
         copy = layer.__class__.from_config(layer.get_config())
-        return quantization.quantize_annotate_layer(copy) if registry.supports(layer) else copy
+        wanted = registry.supports(layer) or layer.name in folded
+        return quantization.quantize_annotate_layer(copy) if wanted else copy
 
     for layer in model.layers:
         if isinstance(layer, keras.Model):
@@ -53,14 +62,22 @@ def quantize_aware(model: keras.Model, keep_zeros: bool = False) -> keras.Model:
                               f"({layer.name!r}); flatten it or use quant.qat_epochs=0")
     annotated = keras.models.clone_model(model, clone_function=annotate)
     annotated.set_weights(model.get_weights())
-    scheme = tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme() \
-        if keep_zeros else quantization.default_8bit.Default8BitQuantizeScheme()
     try:
         with quantization.quantize_scope():
-            return quantization.quantize_apply(annotated, scheme)
+            return quantization.quantize_apply(annotated)
     except (RuntimeError, ValueError, TypeError) as error:
         raise ConfigError(f"quant.qat_epochs: tfmot cannot quantize this model "
                           f"({str(error).splitlines()[0]})") from None
+
+
+def zeros_held(aware: keras.Model) -> HoldMasks:
+    """Returns the callback that keeps every kernel weight of aware that is zero now at zero."""
+    kernels = [kernel for layer in aware.layers
+               for kernel in (getattr(getattr(layer, "layer", layer), name, None)
+                              for name in ("kernel", "depthwise_kernel"))
+               if kernel is not None]
+    masks = [(kernel.numpy() != 0).astype(kernel.dtype.as_numpy_dtype) for kernel in kernels]
+    return HoldMasks(kernels, masks)
 
 
 def float_weights_into(aware: keras.Model, model: keras.Model) -> None:
@@ -90,12 +107,14 @@ def fine_tune(model: keras.Model, settings: Settings, dataset: Dataset,
     The recipe is the run's training recipe (batch, optimizer, weight decay, augmentation,
     distillation) with a cosine decay from quant.qat_lr to zero and no warm-up or averaging.
     """
-    aware = quantize_aware(model, sparse_weights(settings))
+    aware = quantize_aware(model)
+    held = [zeros_held(aware)] if sparse_weights(settings) else []
     recipe = dataclasses.replace(settings.train, schedule="cosine", swa_start=None,
                                  swa_lr=ADDED_LATER["train.swa_lr"])
     history = train.fit(aware, dataset.x_train, dataset.y_train, dataset.x_val, dataset.y_val,
                         dataset.num_classes, recipe, epochs=settings.quant.qat_epochs,
-                        lr=settings.quant.qat_lr, warmup_epochs=0.0, callbacks=callbacks,
+                        lr=settings.quant.qat_lr, warmup_epochs=0.0,
+                        callbacks=[*held, *callbacks],
                         checkpoint=checkpoint, distill=distill)
     float_weights_into(aware, model)
     return aware, history

@@ -335,7 +335,7 @@ def test_settings_added_later_leave_earlier_keys_as_they_were():
         "augment"] == {**recipe["augment"], "rotation": 15, "mixup": 0.2}
     flat = {"train.lr_decay": 0.99, "train.augment.rotation": 0.0, "train.augment.mixup": 0.0,
             "train.swa_start": None, "train.swa_lr": 0.5, "quant.strip_names": False,
-            "train.lr": 0.1}
+            "quant.qat_epochs": 0, "quant.qat_lr": 0.002, "train.lr": 0.1}
     assert without_added_defaults(flat) == {"train.lr": 0.1}
     assert without_added_defaults({**flat, "train.lr_decay": 0.9})["train.lr_decay"] == 0.9
     # prune.widths likewise: fine-tunings checkpointed before it resume under the same key.
