@@ -36,7 +36,7 @@ RESULTS = PROJECT_ROOT / "results"
 METRICS = ["baseline_test_accuracy", "test_accuracy", "tflite_accuracy", "sparsity_global",
            "tflite_sparsity", "model_bytes", "model_zip_bytes", "tflite_bytes",
            "tflite_zip_bytes", "accuracy_per_mb", "train_seconds", "macs", "params",
-           "tflite_latency_ms", "teacher_test_accuracy"]
+           "tflite_latency_ms", "teacher_test_accuracy", "qat_test_accuracy"]
 # A run tag saying what else ran on the machine while it was timed (set by whoever ran it).
 SHARED_TAG = "shared_machine"
 MIB = 1024 * 1024  # the reference study's "MB" (see reference_section)
@@ -280,8 +280,8 @@ def _attach_check(row: dict, client: mlflow.MlflowClient, staging: Path, results
                    "model.h5", results / "models" / name]
     target = models / name
     source = next((s for s in sources if s.exists()), None)
-    if prune["method"] in ("none", "flat", "layer") and not prune.get("finetune_epochs") \
-            and source is not None:
+    trained = prune.get("finetune_epochs") or row["config"]["quant"].get("qat_epochs")
+    if prune["method"] in ("none", "flat", "layer") and not trained and source is not None:
         if not target.exists():
             shutil.copyfile(source, target)
         row["check"], row["file"] = "keras_oneshot", f"models/{name}"

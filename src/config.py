@@ -427,6 +427,8 @@ class QuantConfig:
         _check(self.qat_epochs == 0 or self.mode == "int8", "quant.qat_epochs",
                f"trains for an int8 export; use quant=int8 (quant.mode is {self.mode!r})")
         _check(self.qat_lr > 0, "quant.qat_lr", f"must be > 0, got {self.qat_lr}")
+        _check(self.qat_lr == ADDED_LATER["quant.qat_lr"] or self.qat_epochs > 0, "quant.qat_lr",
+               "is the quantization-aware training's rate: it needs quant.qat_epochs")
 
 
 # -------------------------------------------------------------------------- measure

@@ -137,17 +137,9 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             tracking.log_params({f"prune_steps.{k}": v for k, v in result.schedule_steps.items()})
             if result.tags:  # e.g. the widths a channel cut kept
                 tracking.set_tags(result.tags)
-            aware = None  # the fake-quantized model, trained quantization-aware
-            if settings.quant.qat_epochs:
-                qat_curves = tracking.EpochCurves("qat")
-                live_qat = keras.callbacks.LambdaCallback(on_epoch_end=qat_curves.epoch_ended)
-                with clock("train"):
-                    aware, qat_history = qat.fine_tune(result.model, settings, dataset,
-                                                       [live_qat], teacher, qat_checkpointed)
-                if qat_checkpointed and qat_checkpointed.resumed_from_epoch:
-                    tracking.set_tags({"qat_resumed_from_epoch":
-                                       qat_checkpointed.resumed_from_epoch})
-                qat_curves.finish(qat_history)
+            aware = quantization_aware(result.model, settings, dataset, teacher,
+                                       qat_checkpointed, clock) \
+                if settings.quant.qat_epochs else None
             out_dir = Path(settings.paths.output_dir) / "exports" / active.info.run_id
             metrics, files = export_and_measure(result.model, settings, dataset, out_dir, clock,
                                                 aware)
@@ -173,6 +165,22 @@ def run(cfg: DictConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
                                                                       widths=widths)})
     print("result: " + report.headline(settings, metrics, active.info.run_id, widths), flush=True)
     return metrics
+
+
+def quantization_aware(model: keras.Model, settings: Settings, dataset: data.Dataset,
+                       teacher: distill.Distillation | None,
+                       checkpoint: EpochCheckpoint | None,
+                       clock: measure.Stopwatch) -> keras.Model:
+    """Returns the fake-quantized model trained quant.qat_epochs from model (which gets the
+    trained float weights), its curves logged as qat_* and a resume tagged."""
+    curves = tracking.EpochCurves("qat")
+    live = keras.callbacks.LambdaCallback(on_epoch_end=curves.epoch_ended)
+    with clock("train"):
+        aware, history = qat.fine_tune(model, settings, dataset, [live], teacher, checkpoint)
+    if checkpoint and checkpoint.resumed_from_epoch:
+        tracking.set_tags({"qat_resumed_from_epoch": checkpoint.resumed_from_epoch})
+    curves.finish(history)
+    return aware
 
 
 @contextlib.contextmanager
@@ -240,7 +248,8 @@ def qat_checkpoint(settings: Settings, base_key: str) -> Iterator[EpochCheckpoin
         return
     tuned = baseline.finetune_key(base_key, settings.prune, settings.train, settings.distill)
     key = "qat-" + baseline.content_key({"finetune": tuned, "epochs": settings.quant.qat_epochs,
-                                         "lr": settings.quant.qat_lr})
+                                         "lr": settings.quant.qat_lr,
+                                         "version": qat.QAT_VERSION})
     with _held_checkpoint(settings, key, "trains quantization-aware",
                           "trains quantization-aware") as checkpoint:
         yield checkpoint

@@ -69,12 +69,18 @@ def method_label(settings: Settings) -> str:
 
 def quant_label(settings: Settings) -> str:
     """Returns the export's number format ('float32' without quantization), '+sparse' if
-    encoded, '+stripped' without names, then the quantization-aware epochs ('int8 qat10')."""
+    encoded, '+stripped' without names, then the quantization-aware epochs ('int8 qat10', 'int8
+    qat10 kd' when distilled and not fine-tuned: method_label says kd then)"""
     mode = "float32" if settings.quant.mode == "none" else settings.quant.mode
     mode += "+sparse" if getattr(settings.quant, "sparse_encoding", False) else ""
     mode += "+stripped" if getattr(settings.quant, "strip_names", False) else ""
     epochs = getattr(settings.quant, "qat_epochs", 0)
-    return mode + (f" qat{epochs}" if epochs else "")
+    if not epochs:
+        return mode
+    # A teacher teaches quantization-aware training too: said here when no fine-tuning did.
+    distilled = getattr(settings, "distill", None) and settings.distill.alpha > 0 and not (
+        settings.prune.method != "none" and settings.prune.finetune_epochs)
+    return f"{mode} qat{epochs}" + (" kd" if distilled else "")
 
 
 def run_name(settings: Settings) -> str:

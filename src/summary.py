@@ -272,16 +272,19 @@ def sweep_report(runs: list[Run], out_dir: Path, sweep_id: str = "") -> tuple[st
     dense_accuracy = dense[0] if len(dense) == 1 else math.nan  # one dashed line, if one
     quant = _values(jobs, "quant.mode").replace("none", "float32")
     data_name, model = _values(jobs, "data.name"), _values(jobs, "model.name")
-    # A sweep over quantization modes or models gets one series per combination, not one
-    # line zig-zagging through them.
-    varying = [key for key in ("model.name", "quant.mode")
+    # A sweep over quantization modes, quantization-aware epochs or models gets one series per
+    # combination, not one line zig-zagging through them.
+    varying = [key for key in ("model.name", "quant.mode", "quant.qat_epochs")
                if len({r.data.params[key] for r in jobs if key in r.data.params}) > 1]
 
     given = {r.info.run_id: _job_params(r) for r in jobs}
 
+    def as_label(key: str, value: str) -> str:
+        return f"qat{value}" if key == "quant.qat_epochs" else value.replace("none", "float32")
+
     def label(r: Run) -> str:
         return " ".join([given[r.info.run_id].get("prune.method", "?"), *(
-            given[r.info.run_id].get(key, "?").replace("none", "float32") for key in varying)])
+            as_label(key, given[r.info.run_id].get(key, "?")) for key in varying)])
 
     shown = "/".join(f"{a:.2%}" for a in dense) or "n/a"
     lines = [f"sweep {sweep_id}: {len(jobs)} jobs ({len(finished)} finished), model {model}, "

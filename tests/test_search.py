@@ -265,6 +265,17 @@ def test_a_search_that_averages_weights_refuses_tfmot_trials_before_any_trial(tm
     assert runs_of(cfg) == []
 
 
+def test_a_quantization_aware_search_refuses_trials_of_other_modes_before_any_trial(tmp_path):
+    cfg, composer = search_cfg(tmp_path, "search=accuracy_per_mb", "quant=int8",
+                               "quant.qat_epochs=2")
+    with pytest.raises(ConfigError, match=re.escape(
+            "search.space.quant: quant.qat_epochs trains for an int8 export; dynamic,float16 "
+            "trials would fail: 'search.space.quant.choices=[int8]' or drop the dimension "
+            "(~search.space.quant)")):
+        run_search(cfg, composer)
+    assert runs_of(cfg) == []
+
+
 def test_a_three_objective_study_on_what_the_device_sees(tmp_path):
     # Trials in their own processes (the default): values, metrics and nesting come back.
     cfg, composer = search_cfg(

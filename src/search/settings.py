@@ -198,6 +198,19 @@ def refuse_tfmot_dims(space: dict[str, DimensionConfig]) -> None:
                               f"'search.space.{name}.choices=[{kept}]'")
 
 
+def refuse_qat_dims(space: dict[str, DimensionConfig]) -> None:
+    """Raises ConfigError when quant.qat_epochs is set and a dimension can pick a quantization
+    other than int8, which quantization-aware training does not export: each such trial would
+    fail."""
+    for name, dim in space.items():
+        others = [c for c in dim.choices or [] if c != "int8"]
+        if dim.path in ("quant", "quant.mode") and others:
+            raise ConfigError(f"search.space.{name}: quant.qat_epochs trains for an int8 export; "
+                              f"{','.join(map(str, others))} trials would fail: "
+                              f"'search.space.{name}.choices=[int8]' or drop the dimension "
+                              f"(~search.space.{name})")
+
+
 def refuse_widths_dims(space: dict[str, DimensionConfig]) -> None:
     """Raises ConfigError listing the dimensions to drop when prune.widths is set: the method
     (a non-channel one refuses widths), the settings widths replaces or refuses, and the

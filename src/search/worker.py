@@ -20,6 +20,7 @@ from src.search.orphans import close_orphan_runs, fail_dead_trials, retry_trial
 from src.search.settings import (
     SearchConfig,
     refuse_model_dims,
+    refuse_qat_dims,
     refuse_tfmot_dims,
     refuse_widths_dims,
     search_settings_from,
@@ -66,6 +67,8 @@ def run_search(cfg: DictConfig, compose: Composer, replay: Sequence[str] = ()) -
         refuse_widths_dims(search.space)
     if base.train.swa_start is not None:
         refuse_tfmot_dims(search.space)
+    if base.quant.qat_epochs:
+        refuse_qat_dims(search.space)
     if search.early_stop.rule != "none" and base.data.val_fraction == 0:
         raise ConfigError("search.early_stop.rule: trial early stopping judges validation "
                           "accuracy; set data.val_fraction > 0 or the rule to none")
