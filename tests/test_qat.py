@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 
@@ -131,7 +132,7 @@ def test_a_run_trains_quantization_aware_exports_from_it_and_keeps_a_plain_keras
         assert tracked.data.metrics[name] == metrics[name], name
     assert metrics["sparsity_global"] == pytest.approx(0.6, abs=0.02)
     assert metrics["tflite_sparsity"] >= 0.5
-    history = mlflow_history(tracked.info.run_id, "qat_loss")
+    history = mlflow.MlflowClient().get_metric_history(tracked.info.run_id, "qat_loss")
     assert [m.step for m in history] == [0, 1]
     files = tracked.info.artifact_uri.removeprefix("file://")
     plain = load_model_file(f"{files}/model.h5")  # no tfmot wrappers: loads as any model
@@ -143,12 +144,6 @@ def test_a_run_trains_quantization_aware_exports_from_it_and_keeps_a_plain_keras
     assert run_name(settings_from(make_cfg("quant=int8"))).endswith(" int8")
     assert run_name(settings_from(make_cfg("quant=int8", "quant.qat_epochs=3", "distill=kd",
                                            "prune.finetune_epochs=0"))).endswith(" int8 qat3 kd")
-
-
-def mlflow_history(run_id: str, key: str) -> list:
-    import mlflow
-
-    return mlflow.MlflowClient().get_metric_history(run_id, key)
 
 
 @pytest.mark.parametrize("override, message", [
