@@ -397,8 +397,8 @@ class PruneConfig:
         _check(self.channel_multiple >= 1, "prune.channel_multiple",
                f"must be >= 1, got {self.channel_multiple}")
         _check_fraction(self.magnitude_rate, "prune.magnitude_rate", high_open=True)
-        _check(self.widths is None or (len(self.widths) > 0 and min(self.widths) >= 1),
-               "prune.widths", f"every group keeps at least 1 channel, got {self.widths}")
+        _check(self.widths is None or (len(self.widths) > 0 and min(self.widths) >= 0),
+               "prune.widths", f"channels kept per group, 0 or more, got {self.widths}")
         _check(self.widths is None or not self.rates_from, "prune.widths",
                "give either prune.widths or prune.rates_from, not both")
 

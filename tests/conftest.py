@@ -181,6 +181,13 @@ def runs_of(cfg: DictConfig) -> list[mlflow.entities.Run]:
     return mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
 
 
+def tflite_operators(flatbuffer: bytes) -> list[str]:
+    """Returns the operator names of a TFLite model, in execution order."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    return [op["op_name"] for op in Interpreter(model_content=flatbuffer)._get_ops_details()]
+
+
 def assert_png(path: Path) -> None:
     """Asserts that path is a real, non-trivial PNG image."""
     data = path.read_bytes()

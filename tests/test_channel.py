@@ -30,7 +30,7 @@ from src.prune.channel import (
 from src.prune.graph import build_graph
 from src.quantize import to_tflite
 from src.report import method_label
-from tests.conftest import runs_of
+from tests.conftest import runs_of, tflite_operators
 
 layers = keras.layers
 
@@ -153,7 +153,7 @@ def test_groups_tie_residual_adds_and_pin_the_head():
     ("prune.min_channels=0", "prune.min_channels"), ("prune.rate=1.0", "prune.rate"),
     ("prune.magnitude_rate=1.0", "prune.magnitude_rate"),
     ("prune.channel_multiple=0", "prune.channel_multiple"),
-    ("prune.widths=[8,0]", "prune.widths"),
+    ("prune.widths=[8,-1]", "prune.widths"),
     ("prune.widths=[]", "prune.widths"),
     ("prune.widths=[8,8] prune.rates_from=abc", "prune.widths"),
     ("prune.method=flat prune.widths=[8,8]", "prune.widths")])
@@ -223,6 +223,43 @@ def test_rebuild_equals_the_original_with_removed_channels_zeroed(name):
     np.testing.assert_allclose(smaller(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name, asked, gone", [
+    ("resnet8", [2, 0, 4, 6, 0, 6], ["stage1_a_conv", "stage1_b_bn", "stage1_add", "stage1_out",
+                                     "stage3_a_relu", "stage3_b_conv", "stage3_add"]),
+    ("concat_flatten", [0, 2, 3, 4], ["conv2d", "batch_normalization", "re_lu", "concatenate"])])
+def test_a_branch_cut_to_zero_channels_is_removed_and_the_rest_computes_the_same(
+        name, asked, gone):
+    keras.backend.clear_session()  # the concat model's default layer names
+    model = concat_flatten_model() if name == "concat_flatten" else build(TINY_MODELS[name], 10)
+    for layer in model.layers:
+        if type(layer).__name__ in ("Conv2D", "Dense") and layer.use_bias:
+            layer.bias.assign(np.random.default_rng(1).normal(0, 0.1, layer.bias.shape))
+    randomise_batchnorms(model)
+    graph = build_graph(model)
+    keep = choose_channels(model, graph, channel_config(widths=asked))
+    zero_removed_channels(model, graph, keep)
+    smaller = rebuild(model, graph, keep)
+    kept = {layer.name for layer in smaller.layers}
+    assert not kept & set(gone)
+    # A cut branch's last conv reads only zeros, so it adds its bias through its BatchNorm;
+    # the rebuild drops that constant, so zero it for the comparison.
+    for layer in model.layers:
+        if layer.name not in kept and type(layer).__name__ == "BatchNormalization":
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([gamma, 0 * beta, 0 * mean, var])
+        elif layer.name not in kept and getattr(layer, "use_bias", False):
+            layer.bias.assign(np.zeros(layer.bias.shape))
+    size = model.input.shape[1]
+    x = np.random.default_rng(2).uniform(0, 255, (4, size, size, 3)).astype(np.float32)
+    np.testing.assert_allclose(smaller(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-6)
+    if name == "resnet8":  # the shortcut is left: two convolutions fewer in the export
+        calibration = x[:2]
+        quant = QuantConfig(mode="int8", representative_samples=2)
+        convs = [tflite_operators(to_tflite(m, quant, calibration)).count("CONV_2D")
+                 for m in (model, smaller)]
+        assert convs[0] - convs[1] == 4
+
+
 @pytest.mark.parametrize("name", ["resnet8", "concat_flatten"])
 def test_zeroing_one_group_computes_what_its_rebuild_computes_and_is_undone(name):
     # The sensitivity command prunes one group at a time this way, without rebuilding.
@@ -277,6 +314,18 @@ def test_sequential_and_saved_models_are_pruned_too(tmp_path):
     for candidate in (model, keras.models.load_model(tmp_path / "model.h5")):
         smaller = remove_channels(candidate, channel_config(rate=0.5))
         assert [layer.output.shape[-1] for layer in smaller.layers[1:]] == [4, 4, 4, 4, 2]
+
+
+def test_a_zero_width_branch_into_a_multiply_is_refused_by_name():
+    inputs = keras.Input((8, 8, 3))
+    hidden = layers.Conv2D(3, 1, name="hidden")(inputs)  # the group cut to 0
+    gate = layers.Conv2D(4, 1, activation="sigmoid", name="gate")(hidden)
+    x = layers.Multiply(name="gated")([layers.Conv2D(4, 3, padding="same")(inputs), gate])
+    model = keras.Model(inputs, layers.Dense(2)(layers.GlobalAveragePooling2D()(x)))
+    assert [group_name(g) for g in prunable_groups(build_graph(model))][0] == "hidden"
+    with pytest.raises(ConfigError, match=r"^prune.widths: a group kept at 0 channels feeds "
+                                          r"'gated' \(Multiply\), which cannot drop an input"):
+        remove_channels(model, channel_config(widths=[0, 4]))
 
 
 @pytest.mark.parametrize("bad", ["lambda", "separable", "grouped", "nested"])
@@ -339,7 +388,7 @@ def test_channel_run_is_smaller_and_logs_its_table(make_cfg):
         pruned["params"]  # or by a rate again, in rounds
 
 
-@pytest.mark.parametrize("channels", ["prune.rate=0.5", "prune.widths=[2,2,4,4,4,4]"])
+@pytest.mark.parametrize("channels", ["prune.rate=0.5", "prune.widths=[2,0,4,4,4,4]"])
 def test_channel_then_magnitude_in_one_run(make_cfg, channels):
     cfg = make_cfg("prune=channel", channels, "prune.min_channels=2",
                    "prune.magnitude_rate=0.6", "prune.finetune_epochs=1")  # filters 4, 8, 8
@@ -347,13 +396,19 @@ def test_channel_then_magnitude_in_one_run(make_cfg, channels):
     assert abs(metrics["sparsity_global"] - 0.6) < 0.01  # the flat masks held while fine-tuning
     assert "channels_per_layer.csv" in {a.path for a in _artifacts(cfg)}
     if "widths" in channels:
-        assert runs_of(cfg)[0].data.tags["channel_widths"] == "2-2-4-4-4-4"
+        assert runs_of(cfg)[0].data.tags["channel_widths"] == "2-0-4-4-4-4"  # stage 1's
+        # branch is gone from the model, so the widths are the cut's, ready for prune.widths
 
 
-def test_widths_that_do_not_fit_fail_before_training_and_record_nothing(make_cfg):
-    cfg = make_cfg("prune=channel", "prune.widths=[1]", "train.epochs=50")
-    with pytest.raises(ConfigError, match=r"prune.widths: 1 widths for the model's 6 channel "
-                                          r"groups, in order: stem_conv\+stage1_b_conv \(4\)"):
+@pytest.mark.parametrize("widths, message", [
+    ("[1]", r"1 widths for the model's 6 channel groups, in order: stem_conv\+stage1_b_conv "
+            r"\(4\)"),
+    ("[4,4,8,0,8,8]", r"keeping 0 channels of stage2_b_conv\+stage2_shortcut leaves the "
+                      r"model's output nothing to compute from")])
+def test_widths_that_do_not_fit_fail_before_training_and_record_nothing(make_cfg, widths,
+                                                                        message):
+    cfg = make_cfg("prune=channel", f"prune.widths={widths}", "train.epochs=50")
+    with pytest.raises(ConfigError, match=r"^prune.widths: " + message):
         run(cfg)
     assert runs_of(cfg) == []  # refused before a run opened, let alone a 50-epoch baseline
 

@@ -27,7 +27,7 @@ from src.models import build
 from src.prune.common import KERNEL_ATTRIBUTE, kernel_layers
 from src.quantize import to_tflite
 from src.report import run_name
-from tests.conftest import runs_of
+from tests.conftest import runs_of, tflite_operators
 
 # The MobileNetV2s take about a minute each (tfmot's transforms and two exports): slow.
 MODELS = [ModelConfig(name="resnet8", filters=[4, 8, 8]),
@@ -48,7 +48,8 @@ def test_every_built_in_model_is_fake_quantized_as_it_exports_and_gets_its_weigh
     # convolution, none left as a multiply and an add of its own.
     images = np.random.default_rng(0).integers(0, 256, (8, *model.input_shape[1:])).astype(
         np.float32)
-    operators = [_operators(to_tflite(m, QuantConfig(mode="int8"), images)) for m in (model, aware)]
+    operators = [tflite_operators(to_tflite(m, QuantConfig(mode="int8"), images))
+                 for m in (model, aware)]
     assert operators[0] == operators[1] and "MUL" not in operators[1][3:]
     kernels = {name: getattr(layer, KERNEL_ATTRIBUTE[type(layer).__name__])
                for name, layer in kernel_layers(model)}
@@ -58,12 +59,6 @@ def test_every_built_in_model_is_fake_quantized_as_it_exports_and_gets_its_weigh
     qat.float_weights_into(aware, model)
     for name, kernel in kernels.items():
         np.testing.assert_array_equal(kernel.numpy(), before[name] * 0.5, err_msg=name)
-
-
-def _operators(flatbuffer: bytes) -> list[str]:
-    from ai_edge_litert.interpreter import Interpreter
-
-    return [op["op_name"] for op in Interpreter(model_content=flatbuffer)._get_ops_details()]
 
 
 def test_a_nested_model_is_refused_by_name():

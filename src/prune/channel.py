@@ -140,12 +140,15 @@ def _keep_widths(groups: list[ChannelGroup], scores: dict[int, np.ndarray],
 
 def check_widths(model: keras.Model, widths: Sequence[int]) -> None:
     """Raises ConfigError naming the model's channel groups when prune.widths does not fit
-    them (run before any training: the untrained model has the same groups)."""
-    _check_widths(_groups_of(model), [int(w) for w in widths])
-
-
-def _groups_of(model: keras.Model) -> list[ChannelGroup]:
-    return prunable_groups(build_graph(as_functional(model)))
+    them, or cuts to 0 a group the output needs (run before any training: the untrained model
+    has the same groups)."""
+    model = as_functional(model)
+    graph = build_graph(model)
+    groups = prunable_groups(graph)
+    widths = [int(w) for w in widths]
+    _check_widths(groups, widths)
+    keep = {g.root: np.arange(g.size) < width for g, width in zip(groups, widths)}
+    remove_branches(copy.deepcopy(model.get_config()), graph, keep)
 
 
 def _check_widths(groups: list[ChannelGroup], widths: list[int]) -> None:
@@ -257,20 +260,86 @@ def as_functional(model: keras.Model) -> keras.Model:
 
 
 def rebuild(model: keras.Model, graph: ChannelGraph, keep: dict[int, np.ndarray]) -> keras.Model:
-    """Returns a new functional model with only the kept channels, surviving weights copied."""
+    """Returns a new functional model with only the kept channels, surviving weights copied.
+
+    A group kept at 0 channels removes its layers and every layer that reads only them, up to
+    the Add that joins them to a residual path (see remove_branches)."""
     config = copy.deepcopy(model.get_config())
+    config = remove_branches(config, graph, keep)
     for spec in config["layers"]:
         name = spec["name"]
         if graph.kinds[name] in ("Conv2D", "Dense"):
             width = int(graph.mask(graph.outputs[name], keep).sum())
             spec["config"]["filters" if graph.kinds[name] == "Conv2D" else "units"] = width
     smaller = keras.Model.from_config(config)
+    kept = {spec["name"] for spec in config["layers"]}
     for layer in model.layers:
         weights = layer.get_weights()
-        if weights:
+        if weights and layer.name in kept:
             smaller.get_layer(layer.name).set_weights(
                 _sliced(graph, layer.name, weights, keep))
     return smaller
+
+
+def remove_branches(config: dict, graph: ChannelGraph, keep: dict[int, np.ndarray]) -> dict:
+    """Returns the functional config without the layers that a group kept at 0 channels leaves
+    nothing to compute, or raises ConfigError naming the group when that reaches the output.
+
+    A layer goes when it makes 0 channels or every input it reads has gone. An Add left with
+    one input is replaced by it, and so is a ReLU that would then read a ReLU's output
+    (applying it twice changes nothing). The branch's constant (its last BatchNorm's offset on
+    a zero input) goes with it, as a removed channel's offset does; fine-tuning makes up for
+    it. A residual block's branch, cut to 0, leaves its shortcut: the block becomes one layer
+    shallower, and at full resolution that is most of its latency."""
+    removed: set[str] = set()
+    replaced: dict[str, list] = {}  # a removed layer -> the inbound entry standing for it
+    specs = {spec["name"]: spec for spec in config["layers"]}
+    for spec in config["layers"]:
+        name, kind = spec["name"], spec["class_name"]
+        nodes = spec.get("inbound_nodes") or []
+        if not nodes:
+            continue
+        entries = [replaced.get(entry[0], entry) for entry in nodes[0]]
+        live = [entry for entry in entries if entry[0] not in removed]
+        makes_none = (kind in ("Conv2D", "Dense")
+                      and not graph.mask(graph.outputs[name], keep).any())
+        if not live or makes_none:
+            removed.add(name)
+        elif len(live) < len(entries) and kind not in ("Add", "Concatenate"):
+            raise ConfigError(f"prune.widths: a group kept at 0 channels feeds '{name}' "
+                              f"({kind}), which cannot drop an input; only Add and "
+                              "Concatenate can")
+        elif len(live) == 1 and len(entries) > 1:
+            removed.add(name)
+            replaced[name] = live[0]
+        elif _is_relu(spec) and entries[0][0] != nodes[0][0][0] and _is_relu(
+                specs[entries[0][0]]):
+            removed.add(name)
+            replaced[name] = entries[0]
+        else:
+            spec["inbound_nodes"] = [live]
+    if not removed:
+        return config
+    outputs = []
+    for entry in config["output_layers"]:
+        if entry[0] in removed and entry[0] not in replaced:
+            zero = [group_name(g) for g in prunable_groups(graph) if not keep[g.root].any()]
+            raise ConfigError(f"prune.widths: keeping 0 channels of {', '.join(zero)} leaves "
+                              "the model's output nothing to compute from; 0 removes only a "
+                              "branch that ends in an Add with another input")
+        outputs.append(replaced.get(entry[0], entry)[:3])
+    config["output_layers"] = outputs
+    config["layers"] = [spec for spec in config["layers"] if spec["name"] not in removed]
+    return config
+
+
+def _is_relu(spec: dict) -> bool:
+    """Whether a layer config is a plain ReLU (max(x, 0), which is idempotent)."""
+    config = spec["config"]
+    if spec["class_name"] == "Activation":
+        return config.get("activation") == "relu"
+    return (spec["class_name"] == "ReLU" and config.get("max_value") is None
+            and not config.get("negative_slope") and not config.get("threshold"))
 
 
 def _sliced(graph: ChannelGraph, name: str, weights: list[np.ndarray],
@@ -295,21 +364,18 @@ def channel_table(before: keras.Model, after: keras.Model) -> str:
     graph = build_graph(as_functional(before))
     position = {g.root: i for i, g in enumerate(prunable_groups(graph), start=1)}
     lines = ["layer,type,channels_before,channels_after,params_before,params_after,widths_group"]
+    kept = {layer.name: layer for layer in after.layers}
     for layer in before.layers:
         if not layer.weights:
             continue
-        new = after.get_layer(layer.name)
+        new = kept.get(layer.name)  # None: a group cut to 0 removed it
+        channels, params = (new.output.shape[-1], new.count_params()) if new else (0, 0)
         out = graph.outputs.get(layer.name)
         group = position.get(graph.root(out), "") if isinstance(out, int) else ""
         lines.append(f"{layer.name},{type(layer).__name__},{layer.output.shape[-1]},"
-                     f"{new.output.shape[-1]},{layer.count_params()},{new.count_params()},{group}")
+                     f"{channels},{layer.count_params()},{params},{group}")
     lines.append(f"total,,,,{before.count_params()},{after.count_params()},")
     return "\n".join(lines) + "\n"
-
-
-def group_widths(model: keras.Model) -> list[int]:
-    """Returns the channels of each prunable group of model, in prune.widths order."""
-    return [g.size for g in _groups_of(model)]
 
 
 def remove_channels(model: keras.Model, cfg: PruneConfig) -> keras.Model:
@@ -330,10 +396,15 @@ def prune_channel(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg
     are removed and the same fine-tuning (prune.finetune_epochs) holds them, so the run has
     one fine-tuning phase.
     """
-    smaller = remove_channels(model, cfg)
+    model = as_functional(model)
+    graph = build_graph(model)
+    keep = choose_channels(model, graph, cfg)
+    smaller = rebuild(model, graph, keep)
     artifacts = {TABLE_NAME: channel_table(model, smaller)}
-    # The widths the cut kept, as prune.widths takes them: a rate's cut, adjusted by hand.
-    tags = {"channel_widths": widths_text(group_widths(smaller))}
+    # The widths the cut kept, as prune.widths takes them: a rate's cut, adjusted by hand (a
+    # group cut to 0 is gone from the smaller model, so they are counted in this one).
+    kept = [int(keep[g.root].sum()) for g in prunable_groups(graph)]
+    tags = {"channel_widths": widths_text(kept)}
     if cfg.magnitude_rate > 0:
         flat = dataclasses.replace(cfg, method="flat", rate=cfg.magnitude_rate, widths=None,
                                    rates_from=None)  # those chose the channels, not the weights
