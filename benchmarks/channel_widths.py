@@ -12,9 +12,9 @@ random weights (latency does not depend on their values). With --model, that Ker
 channel-pruned (``src.prune.channel.remove_channels``, global scope, no fine-tuning: only the
 shapes matter here) at each rate and ``prune.channel_multiple``, and the dense model is timed
 beside them. With --groups, each shape is the channels every prunable group keeps
-(``prune.widths``, the groups in model order) cut from --model, or from a ResNet-8 of twice the
-default width (32-64-128, random weights) without it; the speed-ups are over --model, or over
-the dense ResNet-8 (16-32-64) without it.
+(``prune.widths``, the groups in model order; a 0 removes a residual branch) cut from --model,
+or from a ResNet-8 of twice the default width (32-64-128, random weights) without it; the
+speed-ups are over --model, or over the dense ResNet-8 (16-32-64) without it.
 Every model is exported to int8 TFLite with random calibration images, and all
 files are timed together as in ``benchmarks.latency``: LiteRT, batch 1, one thread, invokes
 interleaved. Prints raw bytes, MACs, the conv widths, the median and each model's speed-up

@@ -177,3 +177,23 @@ def test_the_calibration_benchmark_scores_every_calibration_set_of_every_file(tm
     row = [cell.strip() for cell in lines[3].split("|")[1:-1]]
     assert row[0] == "tiny.h5" and len(row) == 6 and all(c.endswith("%") for c in row[1:])
     assert lines[5].startswith("| mean of 2 files | ")
+
+
+def test_the_layer_profile_cuts_a_resnet_block_by_block_and_times_every_cut(tmp_path, capsys):
+    from benchmarks import layer_profile
+
+    model = build(ModelConfig(name="resnet8", filters=[4, 8, 8]), 10)
+    points = layer_profile.cut_points(model)
+    # Convolutions fuse into their BatchNorm and those into their ReLU; a shortcut is timed
+    # with its Add, so every cut is the one before plus some layers.
+    assert points[:6] == ["scale", "stem_relu", "stage1_a_relu", "stage1_b_bn", "stage1_out",
+                          "stage2_a_relu"]
+    assert "stage2_shortcut" not in points and points[-2:] == ["pool", "predictions"]
+    added = layer_profile.added_layers(model, points)
+    assert added["stage2_out"] == ["stage2_shortcut", "stage2_add", "stage2_out"]
+    assert sorted(sum(added.values(), [])) == sorted(layer.name for layer in model.layers[1:])
+    model.save(tmp_path / "resnet8.h5")
+    layer_profile.main([str(tmp_path / "resnet8.h5"), "--runs", "3", "--repeats", "1",
+                        "--warmup", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(points) and rows[-1].startswith("| predictions | predictions |")

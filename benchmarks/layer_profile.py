@@ -1,0 +1,111 @@
+"""Where an int8 model's latency goes: the model cut after each layer, all cuts timed together.
+
+    python -m benchmarks.layer_profile results/models/<model>.h5 [--kernels builtin] \\
+        [--runs 200] [--repeats 5]
+
+LiteRT's Python interpreter has no per-operator profiler, so each cut is a model of its own:
+the Keras model up to one layer (that layer and every layer it depends on), exported to int8
+TFLite with random calibration images and timed with all the other cuts as in
+``benchmarks.latency`` (batch 1, one thread, invokes interleaved). A layer whose only reader is
+a BatchNormalization or a ReLU is not cut after, because the converter fuses it into that
+reader. Each row prints the cut's median, what it adds over the row before (the layers it
+newly includes) and that difference as a share of the whole model's median. The differences
+carry the timer's noise (a few microseconds) and each cut's own input and output conversion,
+so read them as where the time goes, not to the microsecond.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import add_kernels_argument, machine
+from src import quantize, speed
+from src.config import QuantConfig
+from src.keras_env import keras
+
+FUSED_INTO = ("BatchNormalization", "Activation", "ReLU")
+
+
+def cut_points(model: keras.Model) -> list[str]:
+    """Returns the layers to cut after, in model order: every layer but the input, those whose
+    only reader fuses them (a convolution into its BatchNorm, a BatchNorm into its ReLU) and
+    those that do not include the cut before (a residual block's shortcut, timed with the Add
+    that reads it), so each cut is the one before plus some layers."""
+    readers: dict[str, list[str]] = {}
+    for layer in model.layers:
+        for node in layer.inbound_nodes:
+            for inbound in node.inbound_layers if isinstance(node.inbound_layers, list) else [
+                    node.inbound_layers]:
+                readers.setdefault(inbound.name, []).append(layer.name)
+    points, before = [], set()
+    for layer in model.layers[1:]:
+        after = readers.get(layer.name, [])
+        fused = len(after) == 1 and type(model.get_layer(after[0])).__name__ in FUSED_INTO
+        needed = _ancestors(model, layer.name)
+        if not fused and needed >= before:
+            points.append(layer.name)
+            before = needed
+    return points
+
+
+def added_layers(model: keras.Model, points: list[str]) -> dict[str, list[str]]:
+    """Returns, for each cut, the layers it computes that the cut before it does not."""
+    seen: set[str] = set()
+    added = {}
+    for point in points:
+        needed = _ancestors(model, point)
+        added[point] = [layer.name for layer in model.layers[1:] if layer.name in needed - seen]
+        seen |= needed
+    return added
+
+
+def _ancestors(model: keras.Model, name: str) -> set[str]:
+    found, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current in found:
+            continue
+        found.add(current)
+        for node in model.get_layer(current).inbound_nodes:
+            inbound = node.inbound_layers
+            todo += [layer.name for layer in (inbound if isinstance(inbound, list) else [inbound])]
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Cuts, exports and times the model and prints one row per cut."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path, help="a Keras model file (.h5 or .keras)")
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    add_kernels_argument(parser)
+    args = parser.parse_args(argv)
+    model = keras.models.load_model(args.model, compile=False)
+    points = cut_points(model)
+    shape = model.inputs[0].shape[1:]
+    calibration = np.random.default_rng(0).uniform(0, 255, (32, *shape)).astype(np.float32)
+    quant = QuantConfig(mode="int8", representative_samples=32)
+    files = {point: quantize.to_tflite(keras.Model(model.inputs, model.get_layer(point).output),
+                                       quant, calibration) for point in points}
+    stats = speed.compare_latency(files, 1, args.warmup, args.runs, args.repeats, args.kernels)
+    added = added_layers(model, points)
+    whole = stats[points[-1]].median_ms
+    print(f"{args.model}, int8, cut after each layer; LiteRT latency ({args.kernels} kernels), "
+          f"batch 1, 1 thread, {args.repeats} rounds of {args.runs} invokes per cut, "
+          f"interleaved; {machine()}")
+    print("| cut after | adds | median ms | added ms | share |")
+    print("|---|---|---|---|---|")
+    before = 0.0
+    for point in points:
+        median = stats[point].median_ms
+        print(f"| {point} | {', '.join(added[point])} | {median:.4f} | {median - before:+.4f} | "
+              f"{(median - before) / whole:.0%} |")
+        before = median
+
+
+if __name__ == "__main__":
+    main()
