@@ -25,6 +25,7 @@ from benchmarks.common import add_kernels_argument, machine
 from src import quantize, speed
 from src.config import QuantConfig
 from src.keras_env import keras
+from src.prune.channel import as_functional
 
 FUSED_INTO = ("BatchNormalization", "Activation", "ReLU")
 
@@ -41,7 +42,7 @@ def cut_points(model: keras.Model) -> list[str]:
                     node.inbound_layers]:
                 readers.setdefault(inbound.name, []).append(layer.name)
     points, before = [], set()
-    for layer in model.layers[1:]:
+    for layer in _layers(model):
         after = readers.get(layer.name, [])
         fused = len(after) == 1 and type(model.get_layer(after[0])).__name__ in FUSED_INTO
         needed = _ancestors(model, layer.name)
@@ -57,9 +58,13 @@ def added_layers(model: keras.Model, points: list[str]) -> dict[str, list[str]]:
     added = {}
     for point in points:
         needed = _ancestors(model, point)
-        added[point] = [layer.name for layer in model.layers[1:] if layer.name in needed - seen]
+        added[point] = [layer.name for layer in _layers(model) if layer.name in needed - seen]
         seen |= needed
     return added
+
+
+def _layers(model: keras.Model) -> list[keras.layers.Layer]:
+    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
 
 
 def _ancestors(model: keras.Model, name: str) -> set[str]:
@@ -84,7 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     add_kernels_argument(parser)
     args = parser.parse_args(argv)
-    model = keras.models.load_model(args.model, compile=False)
+    model = as_functional(keras.models.load_model(args.model, compile=False))
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        parser.error(f"{args.model}: a model of one input and one output, not "
+                     f"{len(model.inputs)} and {len(model.outputs)}")
     points = cut_points(model)
     shape = model.inputs[0].shape[1:]
     calibration = np.random.default_rng(0).uniform(0, 255, (32, *shape)).astype(np.float32)

@@ -18,6 +18,7 @@ from src.experiment import run
 from src.keras_env import keras
 from src.models import build
 from src.prune.channel import (
+    check_widths,
     choose_channels,
     group_name,
     group_scores,
@@ -223,26 +224,51 @@ def test_rebuild_equals_the_original_with_removed_channels_zeroed(name):
     np.testing.assert_allclose(smaller(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, asked, gone", [
-    ("resnet8", [2, 0, 4, 6, 0, 6], ["stage1_a_conv", "stage1_b_bn", "stage1_add", "stage1_out",
-                                     "stage3_a_relu", "stage3_b_conv", "stage3_add"]),
-    ("concat_flatten", [0, 2, 3, 4], ["conv2d", "batch_normalization", "re_lu", "concatenate"])])
-def test_a_branch_cut_to_zero_channels_is_removed_and_the_rest_computes_the_same(
-        name, asked, gone):
-    keras.backend.clear_session()  # the concat model's default layer names
-    model = concat_flatten_model() if name == "concat_flatten" else build(TINY_MODELS[name], 10)
+def concat_branch_model() -> keras.Model:
+    """A two-conv branch into a Concatenate: cutting its first conv to 0 takes the second."""
+    inputs = keras.Input((8, 8, 3))
+    side = layers.Conv2D(5, 3, padding="same", name="side")(inputs)
+    side = layers.ReLU()(layers.BatchNormalization()(side))
+    x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(3, 1, name="branch_a")(inputs)))
+    x = layers.Conv2D(4, 3, padding="same", name="branch_b")(x)
+    x = layers.ReLU()(layers.BatchNormalization()(x))
+    x = layers.Concatenate(name="joined")([side, x])
+    x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(6, 3, name="after")(x)))
+    return keras.Model(inputs, layers.Dense(3)(layers.GlobalAveragePooling2D()(x)))
+
+
+ZERO_CUTS = {  # model: (prune.widths, or the groups cut to 0 with the rest whole; what goes)
+    "resnet8": ([2, 0, 4, 6, 0, 6], ["stage1_a_conv", "stage1_b_bn", "stage1_add",
+                                     "stage1_out", "stage3_a_relu", "stage3_b_conv",
+                                     "stage3_add"]),
+    "concat_flatten": ([0, 2, 3, 4], ["conv2d", "batch_normalization", "re_lu", "concatenate"]),
+    "concat_branch": ({"branch_a"}, ["branch_a", "branch_b", "joined"]),
+    "mobilenetv2_cifar": ({"block2_expand"}, ["block2_expand", "block2_depthwise",
+                                              "block2_project_bn", "block2_add"]),
+}
+
+
+@pytest.mark.parametrize("name", list(ZERO_CUTS))
+def test_a_branch_cut_to_zero_channels_is_removed_and_the_rest_computes_the_same(name):
+    keras.backend.clear_session()  # the default layer names the cases list
+    builders = {"concat_flatten": concat_flatten_model, "concat_branch": concat_branch_model}
+    model = builders[name]() if name in builders else build(TINY_MODELS[name], 10)
     for layer in model.layers:
         if type(layer).__name__ in ("Conv2D", "Dense") and layer.use_bias:
             layer.bias.assign(np.random.default_rng(1).normal(0, 0.1, layer.bias.shape))
     randomise_batchnorms(model)
     graph = build_graph(model)
+    groups = prunable_groups(graph)
+    asked, gone = ZERO_CUTS[name]
+    if isinstance(asked, set):
+        asked = [0 if group_name(g) in asked else g.size for g in groups]
     keep = choose_channels(model, graph, channel_config(widths=asked))
     zero_removed_channels(model, graph, keep)
     smaller = rebuild(model, graph, keep)
     kept = {layer.name for layer in smaller.layers}
     assert not kept & set(gone)
-    # A cut branch's last conv reads only zeros, so it adds its bias through its BatchNorm;
-    # the rebuild drops that constant, so zero it for the comparison.
+    # A removed layer whose channels a group still keeps (the last conv of a branch) reads only
+    # zeros and adds its bias and BatchNorm offset; the rebuild drops them, so zero them here.
     for layer in model.layers:
         if layer.name not in kept and type(layer).__name__ == "BatchNormalization":
             gamma, beta, mean, var = layer.get_weights()
@@ -252,7 +278,7 @@ def test_a_branch_cut_to_zero_channels_is_removed_and_the_rest_computes_the_same
     size = model.input.shape[1]
     x = np.random.default_rng(2).uniform(0, 255, (4, size, size, 3)).astype(np.float32)
     np.testing.assert_allclose(smaller(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-6)
-    if name == "resnet8":  # the shortcut is left: two convolutions fewer in the export
+    if name == "resnet8":  # the shortcut is left: two convolutions fewer per branch
         calibration = x[:2]
         quant = QuantConfig(mode="int8", representative_samples=2)
         convs = [tflite_operators(to_tflite(m, quant, calibration)).count("CONV_2D")
@@ -323,8 +349,11 @@ def test_a_zero_width_branch_into_a_multiply_is_refused_by_name():
     x = layers.Multiply(name="gated")([layers.Conv2D(4, 3, padding="same")(inputs), gate])
     model = keras.Model(inputs, layers.Dense(2)(layers.GlobalAveragePooling2D()(x)))
     assert [group_name(g) for g in prunable_groups(build_graph(model))][0] == "hidden"
-    with pytest.raises(ConfigError, match=r"^prune.widths: a group kept at 0 channels feeds "
-                                          r"'gated' \(Multiply\), which cannot drop an input"):
+    message = (r"^prune.widths: keeping 0 channels of hidden leaves 'gated' \(Multiply\) "
+               r"without an input it cannot drop; only an Add or a Concatenate can lose an input$")
+    with pytest.raises(ConfigError, match=message):
+        check_widths(model, [0, 4])  # what a run calls before any training
+    with pytest.raises(ConfigError, match=message):
         remove_channels(model, channel_config(widths=[0, 4]))
 
 
@@ -403,8 +432,8 @@ def test_channel_then_magnitude_in_one_run(make_cfg, channels):
 @pytest.mark.parametrize("widths, message", [
     ("[1]", r"1 widths for the model's 6 channel groups, in order: stem_conv\+stage1_b_conv "
             r"\(4\)"),
-    ("[4,4,8,0,8,8]", r"keeping 0 channels of stage2_b_conv\+stage2_shortcut leaves the "
-                      r"model's output nothing to compute from")])
+    ("[4,0,8,0,8,8]", r"keeping 0 channels of stage2_b_conv\+stage2_shortcut leaves the "
+                      r"model's output nothing to compute from")])  # stage1_a_conv's 0 is fine
 def test_widths_that_do_not_fit_fail_before_training_and_record_nothing(make_cfg, widths,
                                                                         message):
     cfg = make_cfg("prune=channel", f"prune.widths={widths}", "train.epochs=50")

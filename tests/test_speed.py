@@ -181,6 +181,7 @@ def test_the_calibration_benchmark_scores_every_calibration_set_of_every_file(tm
 
 def test_the_layer_profile_cuts_a_resnet_block_by_block_and_times_every_cut(tmp_path, capsys):
     from benchmarks import layer_profile
+    from src.prune.channel import as_functional
 
     model = build(ModelConfig(name="resnet8", filters=[4, 8, 8]), 10)
     points = layer_profile.cut_points(model)
@@ -192,6 +193,12 @@ def test_the_layer_profile_cuts_a_resnet_block_by_block_and_times_every_cut(tmp_
     added = layer_profile.added_layers(model, points)
     assert added["stage2_out"] == ["stage2_shortcut", "stage2_add", "stage2_out"]
     assert sorted(sum(added.values(), [])) == sorted(layer.name for layer in model.layers[1:])
+    sequential = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3, name="conv"),
+                                   layers.ReLU(name="relu"), layers.Flatten(name="flat"),
+                                   layers.Dense(2, name="out")])
+    sequential.save(tmp_path / "sequential.h5")  # loaded as it is given: first layer included
+    assert layer_profile.cut_points(as_functional(keras.models.load_model(
+        tmp_path / "sequential.h5"))) == ["relu", "flat", "out"]
     model.save(tmp_path / "resnet8.h5")
     layer_profile.main([str(tmp_path / "resnet8.h5"), "--runs", "3", "--repeats", "1",
                         "--warmup", "1"])

@@ -148,7 +148,7 @@ def check_widths(model: keras.Model, widths: Sequence[int]) -> None:
     widths = [int(w) for w in widths]
     _check_widths(groups, widths)
     keep = {g.root: np.arange(g.size) < width for g, width in zip(groups, widths)}
-    remove_branches(copy.deepcopy(model.get_config()), graph, keep)
+    remove_branches(model.get_config(), graph, keep)
 
 
 def _check_widths(groups: list[ChannelGroup], widths: list[int]) -> None:
@@ -227,7 +227,8 @@ def zeroed_channels(model: keras.Model, graph: ChannelGraph,
     Instead of rebuilding (slow), the removed channels' outputs are zeroed in every layer
     that makes or scales them (filters and bias, depthwise kernel, BatchNorm gamma and beta):
     consumers then read zeros from them, as if their input rows were gone. Exact for
-    activations that map 0 to 0 (the ReLU family), as in every model here.
+    activations that map 0 to 0 (the ReLU family), as in every model here, and for groups
+    that keep a channel (a group kept at 0 makes rebuild drop the offset its branch adds).
     """
     saved = []
     for layer in model.layers:
@@ -264,8 +265,7 @@ def rebuild(model: keras.Model, graph: ChannelGraph, keep: dict[int, np.ndarray]
 
     A group kept at 0 channels removes its layers and every layer that reads only them, up to
     the Add that joins them to a residual path (see remove_branches)."""
-    config = copy.deepcopy(model.get_config())
-    config = remove_branches(config, graph, keep)
+    config, keep = remove_branches(model.get_config(), graph, keep)
     for spec in config["layers"]:
         name = spec["name"]
         if graph.kinds[name] in ("Conv2D", "Dense"):
@@ -281,56 +281,109 @@ def rebuild(model: keras.Model, graph: ChannelGraph, keep: dict[int, np.ndarray]
     return smaller
 
 
-def remove_branches(config: dict, graph: ChannelGraph, keep: dict[int, np.ndarray]) -> dict:
-    """Returns the functional config without the layers that a group kept at 0 channels leaves
-    nothing to compute, or raises ConfigError naming the group when that reaches the output.
+@dataclasses.dataclass
+class _Removal:
+    """What groups kept at 0 channels take out of a functional config."""
 
-    A layer goes when it makes 0 channels or every input it reads has gone. An Add left with
-    one input is replaced by it, and so is a ReLU that would then read a ReLU's output
-    (applying it twice changes nothing). The branch's constant (its last BatchNorm's offset on
-    a zero input) goes with it, as a removed channel's offset does; fine-tuning makes up for
-    it. A residual block's branch, cut to 0, leaves its shortcut: the block becomes one layer
-    shallower, and at full resolution that is most of its latency."""
-    removed: set[str] = set()
-    replaced: dict[str, list] = {}  # a removed layer -> the inbound entry standing for it
+    removed: set[str] = dataclasses.field(default_factory=set)
+    replaced: dict[str, list] = dataclasses.field(default_factory=dict)  # -> inbound entry
+    inbound: dict[str, list] = dataclasses.field(default_factory=dict)  # kept -> live inputs
+    refused: str | None = None  # a layer that cannot drop an input it loses
+
+
+def remove_branches(config: dict, graph: ChannelGraph, keep: dict[int, np.ndarray],
+                    ) -> tuple[dict, dict[int, np.ndarray]]:
+    """Returns a copy of the functional config without the layers that groups kept at 0
+    channels leave nothing to compute, and the keep masks with every group whose layers all
+    went cut to 0 too (a concatenation then drops their channels); or raises ConfigError naming
+    the groups when that reaches the output or a merge that cannot lose an input.
+
+    A layer goes when it makes 0 channels or every input it reads has gone. An Add or a
+    Concatenate left with one input is replaced by it, and so is a ReLU that would then read
+    a ReLU's output (applying it twice changes nothing). The branch's constant (its last
+    BatchNorm's offset on a zero input) goes with it, as a removed channel's offset does;
+    fine-tuning makes up for it. A residual block's branch, cut to 0, leaves its shortcut: the
+    block becomes one layer shallower, and at full resolution that is most of its latency."""
+    config = copy.deepcopy(config)
+    while True:
+        removal = _removal(config, graph, keep)
+        if removal.refused or _output_removed(config, removal):
+            raise _zero_error(config, graph, keep, removal)
+        emptied = {g.root: np.zeros(g.size, dtype=bool) for g in graph.groups().values()
+                   if g.producers and _mask(keep, g).any()
+                   and all(name in removal.removed for name in g.producers)}
+        if not emptied:
+            break
+        keep = {**keep, **emptied}
+    if not removal.removed:
+        return config, keep
+    config["output_layers"] = [removal.replaced.get(entry[0], entry)[:3]
+                               for entry in config["output_layers"]]
+    config["layers"] = [spec for spec in config["layers"] if spec["name"] not in removal.removed]
+    for spec in config["layers"]:
+        if spec["name"] in removal.inbound:
+            spec["inbound_nodes"] = [removal.inbound[spec["name"]]]
+    return config, keep
+
+
+def _mask(keep: dict[int, np.ndarray], group: ChannelGroup) -> np.ndarray:
+    return keep.get(group.root, np.ones(group.size, dtype=bool))
+
+
+def _removal(config: dict, graph: ChannelGraph, keep: dict[int, np.ndarray]) -> _Removal:
+    """Returns the layers groups kept at 0 take out of config (in model order, so a layer's
+    inputs are settled before it), and the inputs each kept layer then reads."""
+    found = _Removal()
     specs = {spec["name"]: spec for spec in config["layers"]}
     for spec in config["layers"]:
         name, kind = spec["name"], spec["class_name"]
         nodes = spec.get("inbound_nodes") or []
         if not nodes:
             continue
-        entries = [replaced.get(entry[0], entry) for entry in nodes[0]]
-        live = [entry for entry in entries if entry[0] not in removed]
+        entries = [found.replaced.get(entry[0], entry) for entry in nodes[0]]
+        live = [entry for entry in entries if entry[0] not in found.removed]
         makes_none = (kind in ("Conv2D", "Dense")
                       and not graph.mask(graph.outputs[name], keep).any())
         if not live or makes_none:
-            removed.add(name)
+            found.removed.add(name)
         elif len(live) < len(entries) and kind not in ("Add", "Concatenate"):
-            raise ConfigError(f"prune.widths: a group kept at 0 channels feeds '{name}' "
-                              f"({kind}), which cannot drop an input; only Add and "
-                              "Concatenate can")
+            found.refused = found.refused or f"'{name}' ({kind})"
+            found.inbound[name] = live
         elif len(live) == 1 and len(entries) > 1:
-            removed.add(name)
-            replaced[name] = live[0]
-        elif _is_relu(spec) and entries[0][0] != nodes[0][0][0] and _is_relu(
-                specs[entries[0][0]]):
-            removed.add(name)
-            replaced[name] = entries[0]
-        else:
-            spec["inbound_nodes"] = [live]
-    if not removed:
-        return config
-    outputs = []
-    for entry in config["output_layers"]:
-        if entry[0] in removed and entry[0] not in replaced:
-            zero = [group_name(g) for g in prunable_groups(graph) if not keep[g.root].any()]
-            raise ConfigError(f"prune.widths: keeping 0 channels of {', '.join(zero)} leaves "
-                              "the model's output nothing to compute from; 0 removes only a "
-                              "branch that ends in an Add with another input")
-        outputs.append(replaced.get(entry[0], entry)[:3])
-    config["output_layers"] = outputs
-    config["layers"] = [spec for spec in config["layers"] if spec["name"] not in removed]
-    return config
+            found.removed.add(name)
+            found.replaced[name] = live[0]
+        elif (_is_relu(spec) and entries[0][0] != nodes[0][0][0]
+              and _is_relu(specs[entries[0][0]])):
+            found.removed.add(name)
+            found.replaced[name] = entries[0]
+        elif live != nodes[0]:  # an input went or was replaced
+            found.inbound[name] = live
+    return found
+
+
+def _output_removed(config: dict, removal: _Removal) -> bool:
+    return any(entry[0] in removal.removed and entry[0] not in removal.replaced
+               for entry in config["output_layers"])
+
+
+def _zero_error(config: dict, graph: ChannelGraph, keep: dict[int, np.ndarray],
+                removal: _Removal) -> ConfigError:
+    """Returns the error naming the groups at 0 that, each alone, cause what removal found."""
+    zero = [g for g in prunable_groups(graph) if not _mask(keep, g).any()]
+    culprits = []
+    for group in zero:
+        alone = _removal(config, graph, {**{g.root: np.ones(g.size, dtype=bool) for g in zero},
+                                         group.root: np.zeros(group.size, dtype=bool)})
+        if alone.refused or _output_removed(config, alone):
+            culprits.append(group_name(group))
+    named = ", ".join(culprits or [group_name(g) for g in zero])
+    if removal.refused:
+        return ConfigError(f"prune.widths: keeping 0 channels of {named} leaves "
+                           f"{removal.refused} without an input it cannot drop; only an Add or "
+                           "a Concatenate can lose an input")
+    return ConfigError(f"prune.widths: keeping 0 channels of {named} leaves the model's output "
+                       "nothing to compute from; 0 removes only a branch that ends in an Add "
+                       "with another input")
 
 
 def _is_relu(spec: dict) -> bool:
@@ -403,6 +456,7 @@ def prune_channel(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg
     artifacts = {TABLE_NAME: channel_table(model, smaller)}
     # The widths the cut kept, as prune.widths takes them: a rate's cut, adjusted by hand (a
     # group cut to 0 is gone from the smaller model, so they are counted in this one).
+    _, keep = remove_branches(model.get_config(), graph, keep)
     kept = [int(keep[g.root].sum()) for g in prunable_groups(graph)]
     tags = {"channel_widths": widths_text(kept)}
     if cfg.magnitude_rate > 0:
