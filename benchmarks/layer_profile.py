@@ -37,10 +37,8 @@ def cut_points(model: keras.Model) -> list[str]:
     that reads it), so each cut is the one before plus some layers."""
     readers: dict[str, list[str]] = {}
     for layer in model.layers:
-        for node in layer.inbound_nodes:
-            for inbound in node.inbound_layers if isinstance(node.inbound_layers, list) else [
-                    node.inbound_layers]:
-                readers.setdefault(inbound.name, []).append(layer.name)
+        for source in _sources(layer):
+            readers.setdefault(source, []).append(layer.name)
     points, before = [], set()
     for layer in _layers(model):
         after = readers.get(layer.name, [])
@@ -67,16 +65,22 @@ def _layers(model: keras.Model) -> list[keras.layers.Layer]:
     return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
 
 
+def _sources(layer: keras.layers.Layer) -> list[str]:
+    """Returns the names of the layers whose outputs layer reads."""
+    names = []
+    for node in layer.inbound_nodes:
+        inbound = node.inbound_layers
+        names += [source.name for source in (inbound if isinstance(inbound, list) else [inbound])]
+    return names
+
+
 def _ancestors(model: keras.Model, name: str) -> set[str]:
     found, todo = set(), [name]
     while todo:
         current = todo.pop()
-        if current in found:
-            continue
-        found.add(current)
-        for node in model.get_layer(current).inbound_nodes:
-            inbound = node.inbound_layers
-            todo += [layer.name for layer in (inbound if isinstance(inbound, list) else [inbound])]
+        if current not in found:
+            found.add(current)
+            todo += _sources(model.get_layer(current))
     return found
 
 

@@ -57,6 +57,15 @@ def randomise_batchnorms(model: keras.Model, seed: int = 0) -> None:
                                rng.normal(0, 0.1, n), rng.uniform(0.5, 1.5, n)])
 
 
+def randomise_biases_and_batchnorms(model: keras.Model) -> None:
+    """Gives every bias non-zero values (so a wrongly kept bias would show) and every BatchNorm
+    non-trivial statistics."""
+    for layer in model.layers:
+        if type(layer).__name__ in ("Conv2D", "Dense") and layer.use_bias:
+            layer.bias.assign(np.random.default_rng(1).normal(0, 0.1, layer.bias.shape))
+    randomise_batchnorms(model)
+
+
 def widths(model: keras.Model) -> dict[str, int]:
     return {layer.name: layer.output.shape[-1] for layer in model.layers
             if type(layer).__name__ in CHANNELED}
@@ -210,10 +219,7 @@ def concat_flatten_model() -> keras.Model:
 @pytest.mark.parametrize("name", [*TINY_MODELS, "concat_flatten"])
 def test_rebuild_equals_the_original_with_removed_channels_zeroed(name):
     model = concat_flatten_model() if name == "concat_flatten" else build(TINY_MODELS[name], 10)
-    for layer in model.layers:  # non-zero biases, so a wrongly kept bias would show
-        if type(layer).__name__ in ("Conv2D", "Dense") and layer.use_bias:
-            layer.bias.assign(np.random.default_rng(1).normal(0, 0.1, layer.bias.shape))
-    randomise_batchnorms(model)
+    randomise_biases_and_batchnorms(model)
     graph = build_graph(model)
     keep = choose_channels(model, graph, channel_config(rate=0.5))
     zero_removed_channels(model, graph, keep)
@@ -253,10 +259,7 @@ def test_a_branch_cut_to_zero_channels_is_removed_and_the_rest_computes_the_same
     keras.backend.clear_session()  # the default layer names the cases list
     builders = {"concat_flatten": concat_flatten_model, "concat_branch": concat_branch_model}
     model = builders[name]() if name in builders else build(TINY_MODELS[name], 10)
-    for layer in model.layers:
-        if type(layer).__name__ in ("Conv2D", "Dense") and layer.use_bias:
-            layer.bias.assign(np.random.default_rng(1).normal(0, 0.1, layer.bias.shape))
-    randomise_batchnorms(model)
+    randomise_biases_and_batchnorms(model)
     graph = build_graph(model)
     groups = prunable_groups(graph)
     asked, gone = ZERO_CUTS[name]

@@ -265,6 +265,13 @@ def rebuild(model: keras.Model, graph: ChannelGraph, keep: dict[int, np.ndarray]
 
     A group kept at 0 channels removes its layers and every layer that reads only them, up to
     the Add that joins them to a residual path (see remove_branches)."""
+    return _rebuilt(model, graph, keep)[0]
+
+
+def _rebuilt(model: keras.Model, graph: ChannelGraph, keep: dict[int, np.ndarray],
+             ) -> tuple[keras.Model, dict[int, np.ndarray]]:
+    """Returns rebuild's model and the keep masks it was cut to (remove_branches': groups
+    whose layers all went count as 0)."""
     config, keep = remove_branches(model.get_config(), graph, keep)
     for spec in config["layers"]:
         name = spec["name"]
@@ -278,7 +285,7 @@ def rebuild(model: keras.Model, graph: ChannelGraph, keep: dict[int, np.ndarray]
         if weights and layer.name in kept:
             smaller.get_layer(layer.name).set_weights(
                 _sliced(graph, layer.name, weights, keep))
-    return smaller
+    return smaller, keep
 
 
 @dataclasses.dataclass
@@ -434,9 +441,15 @@ def channel_table(before: keras.Model, after: keras.Model) -> str:
 def remove_channels(model: keras.Model, cfg: PruneConfig) -> keras.Model:
     """Returns the physically smaller model with cfg.rate of its prunable channels removed
     (or each group cut to cfg.widths)."""
-    model = as_functional(model)
+    return _cut(as_functional(model), cfg)[0]
+
+
+def _cut(model: keras.Model, cfg: PruneConfig) -> tuple[keras.Model, list[int]]:
+    """Returns remove_channels' model and the channels each prunable group of model kept, in
+    prune.widths order (0 for a group whose layers went)."""
     graph = build_graph(model)
-    return rebuild(model, graph, choose_channels(model, graph, cfg))
+    smaller, keep = _rebuilt(model, graph, choose_channels(model, graph, cfg))
+    return smaller, [int(keep[g.root].sum()) for g in prunable_groups(graph)]
 
 
 def prune_channel(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg: TrainConfig,
@@ -450,14 +463,10 @@ def prune_channel(model: keras.Model, cfg: PruneConfig, data: Dataset, train_cfg
     one fine-tuning phase.
     """
     model = as_functional(model)
-    graph = build_graph(model)
-    keep = choose_channels(model, graph, cfg)
-    smaller = rebuild(model, graph, keep)
+    smaller, kept = _cut(model, cfg)
     artifacts = {TABLE_NAME: channel_table(model, smaller)}
     # The widths the cut kept, as prune.widths takes them: a rate's cut, adjusted by hand (a
     # group cut to 0 is gone from the smaller model, so they are counted in this one).
-    _, keep = remove_branches(model.get_config(), graph, keep)
-    kept = [int(keep[g.root].sum()) for g in prunable_groups(graph)]
     tags = {"channel_widths": widths_text(kept)}
     if cfg.magnitude_rate > 0:
         flat = dataclasses.replace(cfg, method="flat", rate=cfg.magnitude_rate, widths=None,
